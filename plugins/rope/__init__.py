@@ -1,0 +1,1 @@
+"""RoPE extensions."""

@@ -1,0 +1,68 @@
+"""lcplug: give any pretrained Hugging Face causal LM a long context, one instance at a time.
+
+import lcplug
+lcplug.patch(model, attention="sliding-window:window=4096,sinks=4", rope="yarn:factor=8")
+lcplug.save_pretrained(model, "out/")          # config.json carries the manifest
+model = lcplug.from_pretrained("out/")          # reloads patched
+lcplug.unpatch(model)                           # bit-identical to before
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .checkpoint import from_pretrained, save_pretrained
+from .errors import (
+    ConflictError,
+    DuplicatePluginError,
+    LcplugError,
+    ManifestError,
+    ParamError,
+    SpecError,
+    UnknownPluginError,
+    UnsupportedModelError,
+)
+from .hookspecs import hookimpl
+from .params import Params, param
+from .patching import patch, patch_state, unpatch
+from .plugin import Adapter, AttentionPlugin, CPPlugin, DataPlugin, KVPlugin, RopePlugin
+from .registry import get_registry, plugin_rows
+
+
+def plugins(kind: str | None = None) -> list[dict]:
+    """Every installed plugin (optionally of one kind): name, kind, origin, version, params."""
+    return plugin_rows(kind)
+
+
+def manifest(model) -> dict | None:
+    """The manifest of a patched model (what `config.lcplug` holds), or None."""
+    state = patch_state(model)
+    return None if state is None else state.manifest
+
+
+__all__ = [
+    "Adapter",
+    "AttentionPlugin",
+    "CPPlugin",
+    "ConflictError",
+    "DataPlugin",
+    "DuplicatePluginError",
+    "KVPlugin",
+    "LcplugError",
+    "ManifestError",
+    "ParamError",
+    "Params",
+    "RopePlugin",
+    "SpecError",
+    "UnknownPluginError",
+    "UnsupportedModelError",
+    "__version__",
+    "from_pretrained",
+    "get_registry",
+    "hookimpl",
+    "manifest",
+    "param",
+    "patch",
+    "plugins",
+    "save_pretrained",
+    "unpatch",
+]

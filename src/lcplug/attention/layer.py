@@ -1,0 +1,117 @@
+"""Per-layer attention modules installed on a patched model's attention modules.
+
+Each attention module of a patched model gets one submodule `lcplug_attention`. The dispatcher calls
+it with exactly what transformers passes an attention function. `NativeAttention` forwards to the
+model's own backend with the model's own mask (layers a spec leaves alone); `PatternAttention` runs a
+pattern through an executor. Parameters a variant adds (sink logits, gates) live here, so they train,
+save and load with the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .mask import LazyMask
+from .pattern import Pattern
+from .positions import pattern_positions
+from .reference import reference_attention
+
+EXECUTORS = ("auto", "reference")
+"""Executors a PatternAttention can be asked for; faster ones plug in here as they land."""
+
+
+class LayerAttention(nn.Module):
+    """Base: holds the model's own attention function and backend name for this layer."""
+
+    def __init__(self, native_fn: Callable[..., Any], native_impl: str):
+        super().__init__()
+        self.native_fn = native_fn
+        self.native_impl = native_impl
+
+    def native_mask(self, mask: Any) -> Any:
+        return mask.native(self.native_impl) if isinstance(mask, LazyMask) else mask
+
+    def run_native(self, module: nn.Module, query, key, value, mask, **kwargs: Any):
+        return self.native_fn(module, query, key, value, self.native_mask(mask), **kwargs)
+
+
+class NativeAttention(LayerAttention):
+    """The model's own attention, unchanged (the `full` plugin and unselected layers)."""
+
+    def forward(self, module: nn.Module, query, key, value, mask, **kwargs: Any):
+        return self.run_native(module, query, key, value, mask, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"native={self.native_impl}"
+
+
+def dense_allowed(mask: Any, query: torch.Tensor, key: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The model's own mask as a boolean (B, 1, Lq, Lkv) tensor, whatever form it arrived in."""
+    if isinstance(mask, LazyMask):
+        return mask.dense()
+    lq, lkv = query.shape[-2], key.shape[-2]
+    if mask is None:
+        if getattr(module, "is_causal", True) and lq > 1:
+            return torch.ones(lq, lkv, dtype=torch.bool, device=query.device).tril(lkv - lq)[None, None]
+        return torch.ones(1, 1, lq, lkv, dtype=torch.bool, device=query.device)
+    mask = mask[..., :lkv]
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+class PatternAttention(LayerAttention):
+    """Attention restricted by a `Pattern` (ANDed with the model's own mask), optionally with sink logits."""
+
+    def __init__(
+        self,
+        native_fn: Callable[..., Any],
+        native_impl: str,
+        pattern: Pattern,
+        num_heads: int,
+        learnable_sink: bool = False,
+        sink_init: float = -20.0,
+        executor: str = "auto",
+    ):
+        super().__init__(native_fn, native_impl)
+        self.pattern = pattern
+        self.executor = executor
+        self.sink_logit = nn.Parameter(torch.full((num_heads,), float(sink_init))) if learnable_sink else None
+
+    def forward(
+        self,
+        module: nn.Module,
+        query,
+        key,
+        value,
+        mask,
+        *,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ):
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        allowed = dense_allowed(mask, query, key, module)
+        if isinstance(mask, LazyMask):
+            q_pos, kv_pos = pattern_positions(mask, kwargs.get("position_ids"), query.device)
+        else:
+            lq, lkv = query.shape[-2], key.shape[-2]
+            kv_pos = torch.arange(lkv, device=query.device)[None]
+            q_pos = kv_pos[:, lkv - lq :]
+        allowed = allowed & self.pattern.allows(q_pos[:, None, :, None], kv_pos[:, None, None, :])
+        return reference_attention(
+            query,
+            key,
+            value,
+            allowed,
+            scaling,
+            softcap=kwargs.get("softcap"),
+            sink_logit=self.sink_logit,
+            dropout=dropout,
+            training=module.training,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.pattern.describe()}, executor={self.executor}, sink_logit={self.sink_logit is not None}"

@@ -1,0 +1,51 @@
+"""The dense masked reference executor: the oracle every other executor is tested against.
+
+It materialises the full score matrix, so it is O(N^2) in time and memory; it exists to be obviously
+right, not fast. It supports GQA, logit soft-capping (Gemma-2), and a learnable per-head sink logit
+(an extra column of probability mass that belongs to no value, as in MiMo-V2 / gpt-oss). A query with no
+visible key returns zeros instead of NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
+    *,
+    softcap: float | None = None,
+    sink_logit: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over `allowed` keys.
+
+    query (B, H, Lq, D); key/value (B, Hkv, Lkv, D) with H a multiple of Hkv; allowed boolean,
+    broadcastable to (B, H, Lq, Lkv). Returns the output as (B, Lq, H, D), the layout transformers'
+    attention functions return, and the probabilities (B, H, Lq, Lkv).
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    if sink_logit is not None:
+        sink = sink_logit.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with nothing visible
+    if sink_logit is not None:
+        probs = probs[..., :-1]
+    probs = probs.to(query.dtype)
+    if dropout and training:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    out = torch.matmul(probs, value)
+    return out.transpose(1, 2).contiguous(), probs

@@ -1,0 +1,76 @@
+"""Tiny random models of every supported family, built from configs (no download).
+
+Plugin authors use these through the pytest plugin's fixtures; lcplug's own tests use them too. Each
+model is fp32, seeded, a few layers deep, with GQA where the family has it, and small enough that a
+forward pass takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+COMMON: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
+    "gemma3_text": {
+        "head_dim": 16,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 16,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+    },
+    "phi3": {"partial_rotary_factor": 0.5},
+    "gpt_neox": {"num_key_value_heads": None, "rotary_pct": 0.5, "use_parallel_residual": True},
+    "olmo2": {},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+    },
+}
+"""model_type -> overrides of COMMON. Gemma keeps its own sliding layers, so parity covers masks it builds."""
+
+NATIVE_ATTENTION = {"gemma2": "eager"}
+"""Families whose own attention needs a backend other than sdpa (Gemma-2's logit soft-capping)."""
+
+
+def tiny_config(family: str, **overrides: Any):
+    """A transformers config for a tiny model of `family` (a model_type)."""
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+    kwargs = {**COMMON, **FAMILIES[family], **overrides}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "sliding_window"}
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str | None = None, **overrides: Any):
+    """A seeded, fp32, eval-mode tiny causal LM of `family` (sdpa unless the family needs another backend)."""
+    from transformers import AutoModelForCausalLM
+
+    attn_implementation = attn_implementation or NATIVE_ATTENTION.get(family, "sdpa")
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval()
