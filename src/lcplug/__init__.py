@@ -28,8 +28,11 @@ from .plugin import Adapter, AttentionPlugin, CPPlugin, DataPlugin, KVPlugin, Ro
 from .registry import get_registry, plugin_rows
 
 
-def plugins(kind: str | None = None) -> list[dict]:
-    """Every installed plugin (optionally of one kind): name, kind, origin, version, params."""
+def list_plugins(kind: str | None = None) -> list[dict]:
+    """Every installed plugin (optionally of one kind): name, kind, origin, version, params.
+
+    (Not `lcplug.plugins`: that name is the first-party plugin package.)
+    """
     return plugin_rows(kind)
 
 
@@ -59,10 +62,10 @@ __all__ = [
     "from_pretrained",
     "get_registry",
     "hookimpl",
+    "list_plugins",
     "manifest",
     "param",
     "patch",
-    "plugins",
     "save_pretrained",
     "unpatch",
 ]

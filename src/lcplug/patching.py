@@ -122,13 +122,11 @@ def choose_adapter(model: nn.Module) -> Any:
     reasons = []
     for cls in get_registry().adapters():
         adapter = cls()
-        if not adapter.matches(model):
-            continue
         missing = adapter.missing(model)
-        if not missing:
+        if adapter.matches(model) and not missing:
             return adapter
-        reasons.append(f"{cls.name} adapter needs {'; '.join(missing)}")
-    detail = "; ".join(reasons) or "no adapter matches it"
+        reasons.append(f"the {cls.name} adapter needs {'; '.join(missing) or 'a model of its family'}")
+    detail = "; ".join(reasons) or "no adapter is installed"
     raise UnsupportedModelError(f"{type(model).__name__} is not supported: {detail}")
 
 

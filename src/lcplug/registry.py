@@ -20,7 +20,7 @@ from types import ModuleType
 import pluggy
 
 from . import hookspecs
-from .errors import DuplicatePluginError, LcplugError, UnknownPluginError
+from .errors import DuplicatePluginError, LcplugError, UnknownPluginError, did_you_mean
 from .plugin import KIND_BASES, Adapter, Origin, Plugin
 
 ENTRY_POINT_GROUP = "lcplug"
@@ -112,7 +112,7 @@ class Registry:
     def get(self, kind: str, name: str) -> type[Plugin]:
         self.load()
         if kind not in KIND_BASES:
-            raise UnknownPluginError("plugin kind", kind, KIND_BASES)
+            raise LcplugError(f"unknown plugin kind {kind!r}; {did_you_mean(kind, KIND_BASES)}")
         try:
             return self._classes[(kind, name)]
         except KeyError:

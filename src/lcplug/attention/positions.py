@@ -19,17 +19,19 @@ def pattern_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (B, Lq) of the queries and (B, Lkv) of the keys.
 
-    - Without a cache (keys are the queries' own tokens) and with position ids: both are the position ids
-      (this covers packed documents, whose ids restart).
-    - Otherwise the key slots are shifted so that the first real (non-padding) key is position 0.
+    - Without a cache and without padding, with position ids: both are the position ids (this covers
+      packed documents, whose ids restart).
+    - Otherwise slots are shifted so that each row's first real (non-padding) key is position 0: the same
+      answer for a left-padded prefill, for its decode steps, and whether or not the caller passed ids.
     """
     b, lq, lkv = mask.batch_size, mask.q_length, mask.kv_length
     q_slots = torch.arange(lq, device=device) + mask.q_offset
     kv_slots = torch.arange(lkv, device=device) + mask.kv_offset
-    if position_ids is not None and lq == lkv and mask.q_offset == mask.kv_offset == 0:
+    pad = mask.padding()
+    no_cache = lq == lkv and mask.q_offset == mask.kv_offset == 0
+    if position_ids is not None and no_cache and pad is None:
         pos = position_ids.to(device).expand(b, -1).long()
         return pos, pos
-    pad = mask.padding()
     if pad is not None:
         # first real token of each row; rows with no real token get 0
         start = torch.where(pad.any(-1), pad.float().argmax(-1), torch.zeros(b, dtype=torch.long, device=pad.device))
