@@ -38,7 +38,7 @@ def main(path: str | None = None) -> None:
         after = model(ids).logits
         print(f"\npatched: max |logit change| {float((after - before).abs().max()):.4f}")
         print(f"an unpatched twin in the same process is untouched: {torch.equal(twin(ids).logits, before)}")
-        print("manifest (config.lcplug):\n" + json.dumps(lcplug.manifest(model)["spec"], indent=2))
+        print("manifest (config.lcplug):\n" + json.dumps(lcplug.manifest_of(model)["spec"], indent=2))
 
         with tempfile.TemporaryDirectory() as tmp:
             lcplug.save_pretrained(model, tmp)

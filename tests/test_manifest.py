@@ -56,12 +56,12 @@ def test_round_trip_gives_identical_logits(saved, batch):
     ids, mask = batch
     loaded = lcplug.from_pretrained(path)
     assert torch.equal(logits(loaded, ids, mask), logits(model, ids, mask))
-    assert lcplug.manifest(loaded)["spec"] == lcplug.manifest(model)["spec"]
+    assert lcplug.manifest_of(loaded)["spec"] == lcplug.manifest_of(model)["spec"]
     # the rope was not extended a second time on reload
     assert loaded.config.max_position_embeddings == 1024
     assert loaded.config.rope_parameters["factor"] == 4
     # and saving the reloaded model again gives the same manifest
-    assert lcplug.manifest(loaded)["base"] == lcplug.manifest(model)["base"]
+    assert lcplug.manifest_of(loaded)["base"] == lcplug.manifest_of(model)["base"]
 
 
 def test_plain_transformers_still_loads(saved, batch):

@@ -58,7 +58,7 @@ def test_unpatch_restores_bit_identical_everything(batch):
     lcplug.unpatch(model)
     assert_same_snapshot(before, snapshot(model))
     assert torch.equal(logits(model, ids, mask), ref)
-    assert lcplug.manifest(model) is None
+    assert lcplug.manifest_of(model) is None
     assert lcplug.unpatch(model) is model  # unpatching an unpatched model is a no-op
 
 
@@ -72,7 +72,7 @@ def test_same_spec_is_noop_and_other_spec_repatches_cleanly(batch):
     lcplug.patch(model, attention="sliding-window:window=6", rope="linear:factor=2")
     fresh = lcplug.patch(tiny_model("llama"), attention="sliding-window:window=6", rope="linear:factor=2")
     assert torch.equal(logits(model, ids, mask), logits(fresh, ids, mask))
-    assert lcplug.manifest(model)["spec"]["attention"]["window"] == 6
+    assert lcplug.manifest_of(model)["spec"]["attention"]["window"] == 6
 
 
 class ExplodingLayer(NativeAttention):
@@ -122,10 +122,10 @@ def test_failed_repatch_keeps_previous_patch(batch, exploding):
     ids, mask = batch
     model = lcplug.patch(tiny_model("llama"), attention="sliding-window:window=4")
     out = logits(model, ids, mask)
-    manifest = copy.deepcopy(lcplug.manifest(model))
+    manifest = copy.deepcopy(lcplug.manifest_of(model))
     with pytest.raises(RuntimeError):
         lcplug.patch(model, attention="exploding")
-    assert lcplug.manifest(model) == manifest
+    assert lcplug.manifest_of(model) == manifest
     assert torch.equal(logits(model, ids, mask), out)
 
 
@@ -201,8 +201,8 @@ def test_spec_from_yaml_file_and_dict(tmp_path, batch):
         tiny_model("llama"),
         {"attention": {"sliding-window": {"window": 5}}, "rope": "linear:factor=2", "layers": "0-1"},
     )
-    assert lcplug.manifest(a)["spec"] == lcplug.manifest(b)["spec"]
-    assert lcplug.manifest(a)["spec"]["layers"] == [0, 1]
+    assert lcplug.manifest_of(a)["spec"] == lcplug.manifest_of(b)["spec"]
+    assert lcplug.manifest_of(a)["spec"]["layers"] == [0, 1]
     assert torch.equal(logits(a, ids, mask), logits(b, ids, mask))
 
 

@@ -36,8 +36,11 @@ def list_plugins(kind: str | None = None) -> list[dict]:
     return plugin_rows(kind)
 
 
-def manifest(model) -> dict | None:
-    """The manifest of a patched model (what `config.lcplug` holds), or None."""
+def manifest_of(model) -> dict | None:
+    """The manifest of a patched model (what `config.lcplug` holds), or None.
+
+    (Not `lcplug.manifest`: that name is the manifest module.)
+    """
     state = patch_state(model)
     return None if state is None else state.manifest
 
@@ -63,7 +66,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "list_plugins",
-    "manifest",
+    "manifest_of",
     "param",
     "patch",
     "save_pretrained",

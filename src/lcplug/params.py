@@ -185,6 +185,7 @@ class Params:
         hints = typing.get_type_hints(cls)
         out = []
         for f in cls.fields():
+            required = f.default is _MISSING and f.default_factory is _MISSING
             if f.default is not _MISSING:
                 default = _jsonable(f.default)
             elif f.default_factory is not _MISSING:
@@ -195,6 +196,7 @@ class Params:
                 {
                     "name": f.name,
                     "type": _type_name(hints[f.name]),
+                    "required": required,
                     "default": default,
                     "help": f.metadata.get("help", ""),
                     "valid": f.metadata.get("valid", ""),
