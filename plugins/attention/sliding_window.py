@@ -8,7 +8,7 @@ from typing import Any, Literal
 from torch import nn
 
 from lcplug.attention import PatternAttention, SlidingWindowPattern, check_block_size
-from lcplug.attention.layer import EXECUTORS
+from lcplug.attention.executors import EXECUTORS
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.plugin import Adapter, AttentionPlugin

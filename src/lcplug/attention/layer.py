@@ -15,13 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import static_layout
+from .executors import RUNNERS, choose
 from .mask import LazyMask
 from .pattern import Pattern
 from .positions import pattern_positions
 from .reference import reference_attention
-
-EXECUTORS = ("auto", "reference")
-"""Executors a PatternAttention can be asked for; faster ones plug in here as they land."""
 
 
 class LayerAttention(nn.Module):
@@ -90,9 +89,27 @@ class PatternAttention(LayerAttention):
         *,
         scaling: float | None = None,
         dropout: float = 0.0,
-        **kwargs: Any,
+        **kwargs,
     ):
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        executor = choose(self.executor, query.device)
+        if executor == "reference" or not isinstance(mask, LazyMask) or (dropout and module.training):
+            return self.reference(module, query, key, value, mask, scaling, dropout, kwargs)
+        layout = static_layout(
+            self.pattern,
+            mask,
+            kwargs.get("position_ids"),
+            block_q=self.pattern.block_size,
+            block_k=self.pattern.block_size,
+            causal=getattr(module, "is_causal", True),
+        )
+        out = RUNNERS[executor](
+            query, key, value, layout, scaling, sink_logit=self.sink_logit, softcap=kwargs.get("softcap")
+        )
+        return out, None
+
+    def reference(self, module: nn.Module, query, key, value, mask, scaling: float, dropout: float, kwargs: dict):
+        """The dense masked oracle: the model's own mask AND the pattern, O(N^2)."""
         allowed = dense_allowed(mask, query, key, module)
         if isinstance(mask, LazyMask):
             q_pos, kv_pos = pattern_positions(mask, kwargs.get("position_ids"), query.device)
@@ -100,7 +117,8 @@ class PatternAttention(LayerAttention):
             lq, lkv = query.shape[-2], key.shape[-2]
             kv_pos = torch.arange(lkv, device=query.device)[None]
             q_pos = kv_pos[:, lkv - lq :]
-        allowed = allowed & self.pattern.allows(q_pos[:, None, :, None], kv_pos[:, None, None, :])
+        heads = self._head_groups(query)
+        allowed = allowed & self.pattern.allows(q_pos[:, None, :, None], kv_pos[:, None, None, :], heads)
         return reference_attention(
             query,
             key,
@@ -112,6 +130,14 @@ class PatternAttention(LayerAttention):
             dropout=dropout,
             training=module.training,
         )
+
+    def _head_groups(self, query: torch.Tensor) -> torch.Tensor | None:
+        """(1, H, 1, 1) head-group index per head when the pattern depends on the head."""
+        groups = self.pattern.head_groups
+        if groups == 1:
+            return None
+        heads = query.shape[1]
+        return (torch.arange(heads, device=query.device) // (heads // groups)).view(1, heads, 1, 1)
 
     def extra_repr(self) -> str:
         return f"{self.pattern.describe()}, executor={self.executor}, sink_logit={self.sink_logit is not None}"

@@ -34,6 +34,7 @@ class LazyMask:
         self.device = kwargs.get("device", "cpu")
         self._native: dict[str, Any] = {}
         self._dense: torch.Tensor | None = None
+        self.cache: dict[Any, Any] = {}  # per-call memo shared by all layers (e.g. block layouts per pattern)
 
     # transformers' decoder code occasionally inspects a mask's shape
     @property

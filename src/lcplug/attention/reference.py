@@ -11,6 +11,22 @@ from __future__ import annotations
 import torch
 
 
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dim restricted to `allowed`, with optional sink logits (broadcastable to
+    scores[..., :1]) that take probability mass without a value. A row with nothing allowed gives zeros,
+    with finite gradients (no NaN from an all -inf row)."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    peak = scores.amax(dim=-1, keepdim=True)
+    if sink is not None:
+        peak = torch.maximum(peak, sink)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)).detach()
+    weights = torch.exp(scores - peak)
+    denom = weights.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - peak)
+    return weights / denom.clamp_min(torch.finfo(weights.dtype).tiny)
+
+
 def reference_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -36,15 +52,8 @@ def reference_attention(
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
-    if sink_logit is not None:
-        sink = sink_logit.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
-        scores = torch.cat([scores, sink], dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with nothing visible
-    if sink_logit is not None:
-        probs = probs[..., :-1]
-    probs = probs.to(query.dtype)
+    sink = None if sink_logit is None else sink_logit.float().view(1, -1, 1, 1)
+    probs = masked_softmax(scores.float(), allowed, sink).to(query.dtype)
     if dropout and training:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs, value)

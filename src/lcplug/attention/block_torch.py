@@ -1,0 +1,86 @@
+"""The torch block-gather executor: exact block-sparse attention with autograd, on any device.
+
+Per chunk of query blocks it gathers only the kept key/value blocks, computes scores for those, masks
+them with the layout's token mask and applies a safe softmax. Cost and memory scale with the kept
+blocks; no N x N tensor exists. Under autograd each chunk is recomputed in backward (activation
+checkpointing), so training memory stays O(N * D) plus one chunk. GQA never copies K/V per query head
+unless a head-dependent layout forces it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .blocks import BlockLayout
+from .reference import masked_softmax
+
+CHUNK_ELEMENTS = 1 << 24
+"""Score elements per chunk (64 MiB in fp32): bounds peak memory whatever the sequence length."""
+
+
+def block_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: BlockLayout,
+    scaling: float,
+    *,
+    sink_logit: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of query (B, H, Lq, D) over key/value (B, Hkv, Lkv, D) restricted to `layout`.
+
+    Returns (B, Lq, H, D), the layout transformers' attention functions return.
+    """
+    b, h, lq, d = query.shape
+    hkv = key.shape[1]
+    g = layout.groups
+    bq, bk = layout.block_q, layout.block_k
+    nq, kmax = layout.num_q_blocks, layout.kv_blocks.shape[-1]
+    if hkv % g == 0:  # each KV head's query heads share one layout group: gather per KV head
+        units, per_unit = hkv, h // hkv
+        unit_group = torch.arange(hkv, device=query.device) // (hkv // g)
+    else:  # a head-dependent layout splits a KV group: gather per query head
+        units, per_unit = h, 1
+        key = key.repeat_interleave(h // hkv, dim=1)
+        value = value.repeat_interleave(h // hkv, dim=1)
+        unit_group = torch.arange(h, device=query.device) // (h // g)
+    nkb = (key.shape[2] + bk - 1) // bk
+    q = _pad(query, nq * bq).view(b, units, per_unit, nq, bq, d)
+    k = _pad(key, nkb * bk).view(b, units, nkb, bk, d)
+    v = _pad(value, nkb * bk).view(b, units, nkb, bk, d)
+    idx = layout.kv_blocks[:, unit_group].clamp(min=0)  # (B, U, NQ, K)
+    allowed = layout.mask[:, unit_group]  # (B, U, NQ, K, BQ, BK)
+    sink = None if sink_logit is None else sink_logit.float().view(1, units, per_unit, 1, 1, 1)
+    step = max(1, CHUNK_ELEMENTS // max(1, b * h * bq * kmax * bk))
+    outs = []
+    for c0 in range(0, nq, step):
+        c1 = min(nq, c0 + step)
+        args = (q[:, :, :, c0:c1], k, v, idx[:, :, c0:c1], allowed[:, :, c0:c1], sink)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value) if t is not None):
+            outs.append(checkpoint(_chunk, *args, scaling, softcap, use_reentrant=False))
+        else:
+            outs.append(_chunk(*args, scaling, softcap))
+    out = torch.cat(outs, dim=3).reshape(b, h, nq * bq, d)[:, :, :lq]
+    return out.transpose(1, 2).contiguous()
+
+
+def _chunk(q, k, v, idx, allowed, sink, scaling: float, softcap: float | None) -> torch.Tensor:
+    b, units, _, nc, bq, d = q.shape
+    kmax, bk = idx.shape[-1], k.shape[-2]
+    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+    ui = torch.arange(units, device=q.device).view(1, units, 1, 1)
+    kg = k[bi, ui, idx].reshape(b, units, 1, nc, kmax * bk, d)
+    vg = v[bi, ui, idx].reshape(b, units, 1, nc, kmax * bk, d)
+    scores = torch.matmul(q, kg.transpose(-1, -2)) * scaling  # (B, U, P, nc, BQ, K*BK)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    keep = allowed.permute(0, 1, 2, 4, 3, 5).reshape(b, units, 1, nc, bq, kmax * bk)
+    probs = masked_softmax(scores.float(), keep, sink).to(q.dtype)
+    return torch.matmul(probs, vg)
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    extra = length - x.shape[2]
+    return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra > 0 else x
