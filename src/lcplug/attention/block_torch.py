@@ -1,7 +1,9 @@
 """The torch block-gather executor: exact block-sparse attention with autograd, on any device.
 
 Per chunk of query blocks it gathers only the kept key/value blocks, computes scores for those, masks
-them with the layout's token mask and applies a safe softmax. Cost and memory scale with the kept
+them with the layout's token mask and applies a safe softmax. On the CPU it runs each chunk through
+torch's fused flash kernels (`block_fused_cpu`); elsewhere, or with logit soft-capping, it uses plain
+torch ops. Cost and memory scale with the kept
 blocks; no N x N tensor exists. Under autograd each chunk is recomputed in backward (activation
 checkpointing), so training memory stays O(N * D) plus one chunk. GQA never copies K/V per query head
 unless a head-dependent layout forces it.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import block_fused_cpu
 from .blocks import BlockLayout
 from .reference import masked_softmax
 
@@ -50,10 +53,15 @@ def block_attention(
     q = _pad(query, nq * bq).view(b, units, per_unit, nq, bq, d)
     k = _pad(key, nkb * bk).view(b, units, nkb, bk, d)
     v = _pad(value, nkb * bk).view(b, units, nkb, bk, d)
-    idx = layout.kv_blocks[:, unit_group].clamp(min=0)  # (B, U, NQ, K)
-    allowed = layout.mask[:, unit_group]  # (B, U, NQ, K, BQ, BK)
-    sink = None if sink_logit is None else sink_logit.float().view(1, units, per_unit, 1, 1, 1)
+    idx = _per_unit(layout.kv_blocks, unit_group, units).clamp(min=0)  # (B, U, NQ, K)
     step = max(1, CHUNK_ELEMENTS // max(1, b * h * bq * kmax * bk))
+    if block_fused_cpu.available(query, softcap):
+        sink = None if sink_logit is None else sink_logit.view(1, units, per_unit, 1, 1)
+        bias = _per_unit(layout.bias(query.dtype), unit_group, units)
+        out = block_fused_cpu.FusedBlockAttention.apply(q, k, v, sink, idx.contiguous(), bias, scaling, step)
+        return out.reshape(b, h, nq * bq, d)[:, :, :lq].transpose(1, 2).contiguous()
+    allowed = _per_unit(layout.mask, unit_group, units)  # (B, U, NQ, K, BQ, BK)
+    sink = None if sink_logit is None else sink_logit.float().view(1, units, per_unit, 1, 1, 1)
     outs = []
     for c0 in range(0, nq, step):
         c1 = min(nq, c0 + step)
@@ -79,6 +87,11 @@ def _chunk(q, k, v, idx, allowed, sink, scaling: float, softcap: float | None) -
     keep = allowed.permute(0, 1, 2, 4, 3, 5).reshape(b, units, 1, nc, bq, kmax * bk)
     probs = masked_softmax(scores.float(), keep, sink).to(q.dtype)
     return torch.matmul(probs, vg)
+
+
+def _per_unit(x: torch.Tensor, unit_group: torch.Tensor, units: int) -> torch.Tensor:
+    """Index a per-group layout tensor (B, G, ...) by unit; a broadcast view when there is one group."""
+    return x.expand(-1, units, *x.shape[2:]) if x.shape[1] == 1 else x[:, unit_group]
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ inside kept blocks. Dynamic patterns (top-k indexers) hand in their block lists 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,18 @@ class BlockLayout:
     kv_len: int
     kv_blocks: torch.Tensor  # (B, G, NQ, K) long; -1 = unused slot
     mask: torch.Tensor  # (B, G, NQ, K, BQ, BK) bool; True = may attend
+    _bias: dict = field(default_factory=dict, repr=False)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (B, G, NQ, BQ, K*BK) bias, 0 where allowed and -inf elsewhere; built once per dtype and
+        shared by every layer that runs this layout in one forward pass."""
+        cached = self._bias.get(dtype)
+        if cached is None:
+            b, g, nq, k, bq, bk = self.mask.shape
+            keep = self.mask.permute(0, 1, 2, 4, 3, 5).reshape(b, g, nq, bq, k * bk)
+            cached = torch.zeros((), dtype=dtype).masked_fill(~keep, float("-inf"))
+            self._bias[dtype] = cached
+        return cached
 
     @property
     def groups(self) -> int:
