@@ -2,17 +2,24 @@
 
 torch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`) computes a masked
 softmax-attention tile in one fused pass and returns the log-sum-exp; its backward op takes the output
-and log-sum-exp. That is all a block-sparse executor needs: per chunk of query blocks, gather the kept
-key blocks, run the fused kernel with the layout's token mask as an additive bias, and fold sink logits
-in through the log-sum-exp. The backward calls the fused backward with the *final* output and
-log-sum-exp (sinks included), which yields exact gradients, and scatters key/value gradients back to
-their blocks. These are private aten ops, so everything touching them lives in this one module, and
-`available()` lets callers fall back to the portable executor when a torch release drops them.
+and log-sum-exp. That is all a block-sparse executor needs:
+- a layout's *band* (key blocks fully allowed and laid out identically below each query block's
+  diagonal; see `blocks.Band`) runs mask-free from an overlapping strided view of K/V: no copy;
+- every other kept block is gathered (whole-block row copies) and masked with an additive bias;
+- the parts of one query block are merged through their log-sum-exps, and sink logits enter the same way.
+The backward calls the fused backward per part with the *final* output and log-sum-exp, which gives
+exact gradients, and adds key/value gradients back into their blocks. These are private aten ops, so
+everything touching them lives in this module, and `available()` lets callers fall back to the
+portable executor when a torch release drops them.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
+
+from .blocks import Band, BlockLayout
 
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -29,88 +36,151 @@ def available(query: torch.Tensor, softcap: float | None) -> bool:
     )
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, U, NKB, BK, D), idx (B, U, nc, K) -> (B, U, nc, K*BK, D): whole-block row copies."""
-    b, u, nkb, bk, d = x.shape
-    _, _, nc, k = idx.shape
-    base = (torch.arange(b * u, device=idx.device) * nkb).view(b, u, 1, 1)
-    rows = torch.index_select(x.reshape(b * u * nkb, bk * d), 0, (idx + base).reshape(-1))
-    return rows.view(b, u, nc, k * bk, d)
+class _Part:
+    """Keys/values of one part for a chunk of query blocks, in the kernel's (N, nc, S, D) layout, plus the
+    block rows they came from (for the gradient scatter) and the additive bias (None = mask-free)."""
+
+    def __init__(self, k2, v2, bias, rows, width):
+        self.k2, self.v2, self.bias, self.rows, self.width = k2, v2, bias, rows, width
 
 
-def _bias(bias: torch.Tensor, units: int) -> torch.Tensor:
-    """Layout bias (B, G, nc, BQ, S) -> (B, U, nc, BQ, S), a view when G == 1."""
-    return bias.expand(-1, units, -1, -1, -1) if bias.shape[1] == 1 else bias
+def _band_part(k, v, band: Band, c0: int, c1: int) -> _Part:
+    """Overlapping strided view: query block i reads blocks [i + offset - width, i + offset). No copy."""
+    b, u, nkb, bk, d = k.shape
+    start = c0 + band.offset - band.width
+    size, stride = (b * u, c1 - c0, band.width * bk, d), (nkb * bk * d, bk * d, d, 1)
+    k2 = k.as_strided(size, stride, k.storage_offset() + start * bk * d)
+    v2 = v.as_strided(size, stride, v.storage_offset() + start * bk * d)
+    blocks = (torch.arange(c0, c1)[:, None] + start - c0 + torch.arange(band.width)).view(1, 1, c1 - c0, band.width)
+    return _Part(k2, v2, None, _rows(blocks.expand(b, u, -1, -1), nkb), band.width)
 
 
-def _flat(q_c, k_g, v_g, bias_c):
-    """Fold (B, U, nc) into the kernel's batch; the P query heads of a unit share one key head."""
-    b, u, p, nc, bq, d = q_c.shape
-    n = b * u * nc
-    q2 = q_c.permute(0, 1, 3, 2, 4, 5).reshape(n, p, bq, d)
-    k2 = k_g.reshape(n, 1, -1, d).expand(-1, p, -1, -1)
-    v2 = v_g.reshape(n, 1, -1, d).expand(-1, p, -1, -1)
-    return q2, k2, v2, bias_c.reshape(n, 1, bq, -1)
+def _gather_part(k, v, blocks: torch.Tensor, bias: torch.Tensor, per_unit: int) -> _Part:
+    """Row copies of the kept blocks `blocks` (B, U, nc, K) with their bias (B, U, nc, BQ, K*BK)."""
+    b, u, nkb, bk, d = k.shape
+    _, _, nc, kk = blocks.shape
+    rows = _rows(blocks.clamp(min=0), nkb)
+    k2 = torch.index_select(k.reshape(-1, bk * d), 0, rows).view(b * u, nc, kk * bk, d)
+    v2 = torch.index_select(v.reshape(-1, bk * d), 0, rows).view(b * u, nc, kk * bk, d)
+    bq = bias.shape[-2]
+    bias = bias[:, :, :, None].expand(-1, -1, -1, per_unit, -1, -1).reshape(b * u, nc, per_unit * bq, kk * bk)
+    return _Part(k2, v2, bias, rows, kk)
 
 
-class FusedBlockAttention(torch.autograd.Function):
-    """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); idx (B, U, NQ, K); bias (B, U or 1, NQ, BQ, K*BK)."""
+def _rows(blocks: torch.Tensor, nkb: int) -> torch.Tensor:
+    """Flat row index into K viewed as (B*U*NKB, BK*D) for blocks (B, U, nc, K)."""
+    b, u = blocks.shape[:2]
+    base = (torch.arange(b * u) * nkb).view(b, u, 1, 1)
+    return (blocks + base).reshape(-1)
 
+
+def _bias_of(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, U, nc, K, BQ, BK) bool -> additive (B, U, nc, BQ, K*BK): 0 where allowed, -inf elsewhere."""
+    b, u, nc, kk, bq, bk = mask.shape
+    keep = mask.permute(0, 1, 2, 4, 3, 5).reshape(b, u, nc, bq, kk * bk)
+    return torch.zeros((), dtype=dtype).masked_fill(~keep, float("-inf"))
+
+
+def _parts(k, v, layout_parts, c0: int, c1: int, per_unit: int, dtype) -> list[_Part]:
+    blocks, mask, band = layout_parts
+    parts = []
+    if band is not None and c0 >= band.first:
+        parts.append(_band_part(k, v, band, c0, c1))
+    chunk_blocks = blocks[:, :, c0:c1]
+    used = max(int((chunk_blocks >= 0).sum(-1).max()), 1)  # lists are sorted with -1 last: trim the padding
+    chunk_mask = mask[:, :, c0:c1, :used]
+    if bool(chunk_mask.any()) or not parts:
+        parts.append(_gather_part(k, v, chunk_blocks[..., :used], _bias_of(chunk_mask, dtype), per_unit))
+    return parts
+
+
+def _chunks(nq: int, step: int, band: Band | None) -> list[tuple[int, int]]:
+    """Chunk boundaries; a chunk never straddles the band's first query block."""
+    cuts = sorted({0, nq, *range(0, nq, step), *([band.first] if band is not None else [])})
+    return list(itertools.pairwise(cuts))
+
+
+def _fold_q(x: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+    """(B, U, P, NQ, BQ, D) -> (B*U, nc, P*BQ, D): a unit's P query heads share its keys."""
+    b, u, p, _, bq, d = x.shape
+    return x[:, :, :, c0:c1].permute(0, 1, 3, 2, 4, 5).reshape(b * u, c1 - c0, p * bq, d)
+
+
+def _unfold_q(x: torch.Tensor, shape) -> torch.Tensor:
+    b, u, p, nc, bq, _ = shape
+    return x.view(b, u, nc, p, bq, *x.shape[3:]).transpose(2, 3)
+
+
+def block_attention(q, k, v, layout: BlockLayout, blocks, mask, scaling: float, step: int, sink=None):
+    """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); blocks (B, U, NQ, K); mask (B, U, NQ, K, BQ, BK);
+    sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
+    band = layout.band() if layout.groups == 1 else None
+    if band is not None:
+        blocks, mask = (_expand_units(t, blocks.shape[1]) for t in (band.rest_blocks, band.rest_mask))
+    return _Fused.apply(q, k, v, sink, blocks, mask, band, scaling, step)
+
+
+def _expand_units(x: torch.Tensor, units: int) -> torch.Tensor:
+    return x.expand(-1, units, *x.shape[2:])
+
+
+class _Fused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, idx, allowed, scaling: float, step: int):
+    def forward(ctx, q, k, v, sink, blocks, mask, band, scaling: float, step: int):
         b, u, p, nq, bq, d = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, u, p, nq, bq, dtype=torch.float32)
-        for c0 in range(0, nq, step):
-            c1 = min(nq, c0 + step)
-            q2, k2, v2, bias = _flat(
-                q[:, :, :, c0:c1],
-                _gather(k, idx[:, :, c0:c1]),
-                _gather(v, idx[:, :, c0:c1]),
-                _bias(allowed[:, :, c0:c1], u),
-            )
-            o, l = _FWD(q2, k2, v2, attn_mask=bias, scale=scaling)
-            nc = c1 - c0
-            out[:, :, :, c0:c1] = o.view(b, u, nc, p, bq, d).permute(0, 1, 3, 2, 4, 5)
-            lse[:, :, :, c0:c1] = l.view(b, u, nc, p, bq).permute(0, 1, 3, 2, 4).float()
-        empty = ~torch.isfinite(lse)  # rows that see nothing: output 0
+        for c0, c1 in _chunks(nq, step, band):
+            q2 = _fold_q(q, c0, c1)
+            shape = (b, u, p, c1 - c0, bq, d)
+            acc, acc_lse = None, None
+            for part in _parts(k, v, (blocks, mask, band), c0, c1, p, q.dtype):
+                o, part_lse = _FWD(q2, part.k2, part.v2, attn_mask=part.bias, scale=scaling)
+                o, part_lse = _unfold_q(o, shape), _unfold_q(part_lse.float(), shape)
+                if acc is None:
+                    acc, acc_lse = o.float(), part_lse
+                else:
+                    new = torch.logaddexp(acc_lse, part_lse)
+                    acc = acc * _weight(acc_lse, new)[..., None] + o.float() * _weight(part_lse, new)[..., None]
+                    acc_lse = new
+            out[:, :, :, c0:c1] = acc.to(q.dtype)
+            lse[:, :, :, c0:c1] = acc_lse
         if sink is not None:
             total = torch.logaddexp(lse, sink.float())
-            out = out * torch.exp(lse - total).masked_fill(empty, 0.0).to(out.dtype)[..., None]
+            out = out * _weight(lse, total).to(out.dtype)[..., None]
         else:
             total = lse
-        # the backward recomputes P = exp(S - total): +inf for empty rows makes their P exactly 0
+        # the backward recomputes P = exp(S - total): +inf for rows that see nothing makes their P 0
         total = total.masked_fill(~torch.isfinite(total), float("inf"))
-        ctx.save_for_backward(q, k, v, sink, idx, allowed, out, total)
-        ctx.scaling, ctx.step = scaling, step
+        ctx.save_for_backward(q, k, v, sink, blocks, mask, out, total)
+        ctx.band, ctx.scaling, ctx.step = band, scaling, step
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, sink, idx, allowed, out, total = ctx.saved_tensors
+        q, k, v, sink, blocks, mask, out, total = ctx.saved_tensors
         b, u, p, nq, bq, d = q.shape
+        bk = k.shape[3]
         grad_out = grad_out.contiguous()
-        dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        for c0 in range(0, nq, ctx.step):
-            c1 = min(nq, c0 + ctx.step)
-            nc = c1 - c0
-            idx_c = idx[:, :, c0:c1]
-            q2, k2, v2, bias = _flat(
-                q[:, :, :, c0:c1], _gather(k, idx_c), _gather(v, idx_c), _bias(allowed[:, :, c0:c1], u)
-            )
-            go2 = grad_out[:, :, :, c0:c1].permute(0, 1, 3, 2, 4, 5).reshape(-1, p, bq, d)
-            o2 = out[:, :, :, c0:c1].permute(0, 1, 3, 2, 4, 5).reshape(-1, p, bq, d)
-            l2 = total[:, :, :, c0:c1].permute(0, 1, 3, 2, 4).reshape(-1, p, bq).to(torch.float32)
-            gq, gk, gv = _BWD(go2, q2, k2, v2, o2, l2, 0.0, False, attn_mask=bias, scale=ctx.scaling)
-            dq[:, :, :, c0:c1] = gq.view(b, u, nc, p, bq, d).permute(0, 1, 3, 2, 4, 5)
-            kk = idx_c.shape[-1]
-            rows = (idx_c + (torch.arange(b * u) * k.shape[2]).view(b, u, 1, 1)).reshape(-1)
-            dk.view(-1, k.shape[3] * d).index_add_(0, rows, gk.sum(1).reshape(-1, k.shape[3] * d))
-            dv.view(-1, k.shape[3] * d).index_add_(0, rows, gv.sum(1).reshape(-1, k.shape[3] * d))
+        dq = torch.zeros_like(q)
+        dk = torch.zeros(k.numel() // (bk * d), bk * d, dtype=k.dtype)
+        dv = torch.zeros_like(dk)
+        for c0, c1 in _chunks(nq, ctx.step, ctx.band):
+            q2, go2, o2 = (_fold_q(t, c0, c1) for t in (q, grad_out, out))
+            l2 = total[:, :, :, c0:c1].permute(0, 1, 3, 2, 4).reshape(b * u, c1 - c0, p * bq)
+            for part in _parts(k, v, (blocks, mask, ctx.band), c0, c1, p, q.dtype):
+                gq, gk, gv = _BWD(go2, q2, part.k2, part.v2, o2, l2, 0.0, False, attn_mask=part.bias, scale=ctx.scaling)
+                dq[:, :, :, c0:c1] += _unfold_q(gq, (b, u, p, c1 - c0, bq, d))
+                dk.index_add_(0, part.rows, gk.reshape(-1, bk * d))
+                dv.index_add_(0, part.rows, gv.reshape(-1, bk * d))
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
             delta = (grad_out.float() * out.float()).sum(-1)  # (B, U, P, NQ, BQ)
             dsink = -(delta * torch.exp(sink.float() - total)).sum(dim=(0, 3, 4), keepdim=True).to(sink.dtype)
-        return dq, dk, dv, dsink, None, None, None, None
+        return dq, dk.view_as(k), dv.view_as(v), dsink, None, None, None, None, None
+
+
+def _weight(part_lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """exp(part - total), 0 where the part saw nothing (part lse -inf)."""
+    w = torch.exp(part_lse - total)
+    return torch.where(torch.isfinite(part_lse), w, torch.zeros_like(w))

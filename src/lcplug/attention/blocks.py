@@ -27,18 +27,24 @@ class BlockLayout:
     kv_len: int
     kv_blocks: torch.Tensor  # (B, G, NQ, K) long; -1 = unused slot
     mask: torch.Tensor  # (B, G, NQ, K, BQ, BK) bool; True = may attend
-    _bias: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)  # derived views (bias per dtype, band), built once
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive (B, G, NQ, BQ, K*BK) bias, 0 where allowed and -inf elsewhere; built once per dtype and
         shared by every layer that runs this layout in one forward pass."""
-        cached = self._bias.get(dtype)
+        cached = self._memo.get(("bias", dtype))
         if cached is None:
             b, g, nq, k, bq, bk = self.mask.shape
             keep = self.mask.permute(0, 1, 2, 4, 3, 5).reshape(b, g, nq, bq, k * bk)
             cached = torch.zeros((), dtype=dtype).masked_fill(~keep, float("-inf"))
-            self._bias[dtype] = cached
+            self._memo[("bias", dtype)] = cached
         return cached
+
+    def band(self) -> Band | None:
+        """The banded part of this layout, if it has one worth running copy-free (cached)."""
+        if "band" not in self._memo:
+            self._memo["band"] = find_band(self)
+        return self._memo["band"]
 
     @property
     def groups(self) -> int:
@@ -67,6 +73,61 @@ class BlockLayout:
         qi = q_idx.view(1, 1, nq, 1, bq, 1)
         dense[bi, gi, qi, kv_idx[..., None, :]] |= self.mask
         return dense[:, :, : self.q_len, : self.kv_len]
+
+
+@dataclass
+class Band:
+    """A diagonal band of fully-allowed key blocks, identical in shape for every query block >= `first`.
+
+    Query block i (>= first) reads key blocks [i + offset - width, i + offset) entirely (every row, every
+    group, no token mask), so executors can run them from an overlapping strided view of K/V without
+    copying and without a mask. `rest_blocks`/`rest_mask` hold everything else: the other kept blocks
+    of banded query blocks (sinks, partial diagonal and window-edge blocks) and all kept blocks of the
+    query blocks before `first`. Sliding-window and streaming (LoZA) layouts are mostly band.
+    """
+
+    first: int
+    width: int
+    offset: int
+    rest_blocks: torch.Tensor  # (B, G, NQ, Kr) long, -1 = unused
+    rest_mask: torch.Tensor  # (B, G, NQ, Kr, BQ, BK) bool
+
+
+def find_band(layout: BlockLayout) -> Band | None:
+    kv, mask = layout.kv_blocks, layout.mask
+    b, g, nq, _ = kv.shape
+    if layout.block_q != layout.block_k or nq < 2:
+        return None
+    device = kv.device
+    nkb = (layout.kv_len + layout.block_k - 1) // layout.block_k
+    kept_full = (kv >= 0) & mask.all(dim=-1).all(dim=-1)
+    table = torch.zeros(b, g, nq, nkb + 1, dtype=torch.bool, device=device)
+    table.scatter_(-1, torch.where(kv >= 0, kv, nkb), kept_full)
+    table = table[..., :nkb]
+    last = kv.max(dim=-1).values  # (B, G, NQ): the diagonal block of each query block
+    qi = torch.arange(nq, device=device)
+    offset = int(last[0, 0, -1]) - (nq - 1)
+    steps = torch.arange(1, nkb + 1, device=device)
+    below = last[..., None] - steps  # blocks under the diagonal, nearest first
+    run = (table.gather(-1, below.clamp(min=0)) & (below >= 0)).int().cumprod(-1).sum(-1)  # (B, G, NQ)
+    run = torch.where(last == qi + offset, run, torch.zeros_like(run)).amin(dim=(0, 1))  # (NQ,)
+    width = int(run.max())
+    if width < 2:
+        return None
+    ok = (run >= width).flip(0).int().cumprod(0).flip(0).bool()  # True from `first` to the end
+    first = int(nq - ok.sum())
+    if first >= nq:
+        return None
+    lo = (qi + offset - width).view(1, 1, nq, 1)
+    in_band = (kv >= lo) & (kv < lo + width) & (qi >= first).view(1, 1, nq, 1)
+    rest = torch.where(in_band, -1, kv)
+    order = torch.where(rest >= 0, rest, nkb).sort(dim=-1)
+    k_rest = max(int((rest >= 0).sum(-1).max()), 1)
+    slots = order.indices[..., :k_rest]
+    rest_blocks = torch.where(order.values[..., :k_rest] < nkb, order.values[..., :k_rest], -1)
+    rest_mask = mask.gather(3, slots[..., None, None].expand(-1, -1, -1, -1, *mask.shape[-2:]))
+    rest_mask = rest_mask & (rest_blocks >= 0)[..., None, None]
+    return Band(first, width, offset, rest_blocks, rest_mask)
 
 
 def _block_q(block_q: int, q_len: int) -> int:
