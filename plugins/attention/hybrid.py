@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from lcplug.attention import LayerAttention, NativeAttention
-from lcplug.errors import ConflictError, ParamError
+from lcplug.errors import ConflictError
 from lcplug.hookspecs import hookimpl
 from lcplug.layers import select_layers
 from lcplug.params import Params, param
@@ -59,12 +59,7 @@ class HybridAttention(AttentionPlugin):
 
     def check(self, model: Any, adapter: Adapter) -> None:
         num_layers = len(adapter.attention_modules(model))
-        try:
-            self.full_layer_set(num_layers)
-        except ParamError:
-            raise
-        except Exception as exc:
-            raise ParamError(f"{self.qualname()}: {exc}") from None
+        self.full_layer_set(num_layers)  # a bad ratio or layer list raises SpecError naming it
         self.inner.check(model, adapter)
         self._num_layers = num_layers
 
