@@ -61,6 +61,14 @@ class GenericAdapter(Adapter):
             raise RuntimeError(f"cannot tell the head count of {type(attn_module).__qualname__}")
         return heads
 
+    def num_kv_heads(self, attn_module: nn.Module) -> int:
+        """Key/value heads of one attention module (GQA: fewer than query heads)."""
+        groups = getattr(attn_module, "num_key_value_groups", None)
+        if isinstance(groups, int) and groups >= 1:
+            return self.num_heads(attn_module) // groups
+        kv = getattr(attn_module.config, "num_key_value_heads", None)
+        return kv if isinstance(kv, int) else self.num_heads(attn_module)
+
     def rotary_modules(self, model: nn.Module) -> list[nn.Module]:
         return [
             m

@@ -74,8 +74,7 @@ def from_pretrained(path_or_repo: str | os.PathLike, *, model_cls: Any = None, *
 
 def load_plugin_weights(model: nn.Module, directory: Path) -> list[str]:
     """Copy plugin parameters from the checkpoint's safetensors files into the patched model."""
-    wanted = {name: p for name, p in model.named_parameters() if PLUGIN_PARAM_MARKER in name}
-    wanted.update({name: b for name, b in model.named_buffers() if PLUGIN_PARAM_MARKER in name})
+    wanted = {name: t for name, t in model.state_dict().items() if PLUGIN_PARAM_MARKER in name}
     if not wanted:
         return []
     found: dict[str, torch.Tensor] = {}

@@ -176,6 +176,9 @@ class Adapter(Plugin):
     def num_heads(self, attn_module: nn.Module) -> int:
         raise NotImplementedError  # abstract: each adapter defines it
 
+    def num_kv_heads(self, attn_module: nn.Module) -> int:
+        raise NotImplementedError  # abstract: each adapter defines it
+
     def native_attention(self, attn_module: nn.Module, impl: str) -> Any:
         """The attention function the unpatched model calls for backend `impl`."""
         raise NotImplementedError  # abstract: each adapter defines it
