@@ -1,7 +1,7 @@
 """Quickstart: patch a model in one line, save it with its manifest, reload it patched, unpatch it.
 
-    python examples/quickstart.py                 # a tiny random Llama built from a config (no download)
-    python examples/quickstart.py path/to/ckpt    # any local transformers causal-LM checkpoint
+python examples/quickstart.py                 # a tiny random Llama built from a config (no download)
+python examples/quickstart.py path/to/ckpt    # any local transformers causal-LM checkpoint
 """
 
 from __future__ import annotations
