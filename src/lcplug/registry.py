@@ -14,7 +14,10 @@ from __future__ import annotations
 import functools
 import importlib.metadata as md
 import os
+import re
+import sys
 import threading
+import warnings
 from types import ModuleType
 
 import pluggy
@@ -27,11 +30,16 @@ ENTRY_POINT_GROUP = "lcplug"
 SELF_DISTRIBUTION = "lcplug"
 
 
+def _norm(name: str) -> str:
+    """Distribution names compare as pip does: case-insensitive, runs of -_. equal."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _env_list(name: str) -> set[str] | None:
     raw = os.environ.get(name)
     if raw is None:
         return None
-    return {item.strip() for item in raw.split(",") if item.strip()}
+    return {_norm(item.strip()) for item in raw.split(",") if item.strip()}
 
 
 class Registry:
@@ -44,6 +52,7 @@ class Registry:
         self._loaded = False
         self._lock = threading.RLock()
         self.skipped: list[tuple[str, str]] = []  # (entry point, reason): what env vars or errors kept out
+        self.failed: dict[str, str] = {}  # entry point -> why it failed to load
 
     # ---- loading -------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -59,7 +68,7 @@ class Registry:
             ):
                 dist = ep.dist.name if ep.dist else "unknown"
                 first_party = dist == SELF_DISTRIBUTION
-                names = {ep.name, dist}
+                names = {_norm(ep.name), _norm(dist)}
                 if names & disabled:
                     self.skipped.append((ep.name, "LCPLUG_DISABLE_PLUGINS"))
                     continue
@@ -69,9 +78,17 @@ class Registry:
                 if not first_party and only is not None and not names & only:
                     self.skipped.append((ep.name, "LCPLUG_PLUGINS"))
                     continue
-                module = ep.load()
-                origin = Origin(dist, ep.dist.version if ep.dist else "0", ep.value)
-                self._register_module(module, origin, plugin_name=f"{dist}:{ep.name}")
+                try:
+                    module = ep.load()
+                    origin = Origin(dist, ep.dist.version if ep.dist else "0", ep.value)
+                    self._register_module(module, origin, plugin_name=f"{dist}:{ep.name}")
+                except DuplicatePluginError:
+                    raise
+                except Exception as exc:  # one broken plugin must not take the others down, nor vanish silently
+                    reason = f"failed to load: {type(exc).__name__}: {exc}"
+                    self.skipped.append((ep.name, reason))
+                    self.failed[ep.name] = reason
+                    warnings.warn(f"lcplug: entry point {ep.name!r} of {dist} {reason}", stacklevel=2)
 
     def register_module(self, module: ModuleType | object, distribution: str = "local", version: str = "0") -> None:
         """Register a module (or object) implementing `lcplug_register` by hand, e.g. in a notebook or test."""
@@ -116,7 +133,11 @@ class Registry:
         try:
             return self._classes[(kind, name)]
         except KeyError:
-            raise UnknownPluginError(kind, name, self.names(kind)) from None
+            err = UnknownPluginError(kind, name, self.names(kind))
+            if self.failed:
+                broken = "; ".join(f"{ep} {why}" for ep, why in self.failed.items())
+                err.args = (f"{err.args[0]} [note: {broken}]",)
+            raise err from None
 
     def names(self, kind: str) -> list[str]:
         self.load()
@@ -132,6 +153,14 @@ class Registry:
     def unregister(self, kind: str, name: str) -> None:
         """Forget one class (tests and notebooks that register by hand clean up with this)."""
         self._classes.pop((kind, name), None)
+
+    def unregister_module(self, module: object) -> None:
+        """Forget a module registered with `register_module` and every class it registered."""
+        for key, cls in list(self._classes.items()):
+            if sys.modules.get(cls.__module__) is module or getattr(cls, "_lcplug_module", None) is module:
+                del self._classes[key]
+        if self.pm.is_registered(module):
+            self.pm.unregister(module)
 
     @property
     def hook(self) -> pluggy.HookRelay:
