@@ -9,8 +9,8 @@ from .reference import reference_attention
 
 __all__ = [
     "DISPATCHER_NAME",
-    "GatedAttention",
     "SUBMODULE",
+    "GatedAttention",
     "LayerAttention",
     "LazyMask",
     "NativeAttention",

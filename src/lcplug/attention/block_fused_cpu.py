@@ -74,23 +74,18 @@ def _rows(blocks: torch.Tensor, nkb: int) -> torch.Tensor:
     return (blocks + base).reshape(-1)
 
 
-def _bias_of(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, U, nc, K, BQ, BK) bool -> additive (B, U, nc, BQ, K*BK): 0 where allowed, -inf elsewhere."""
-    b, u, nc, kk, bq, bk = mask.shape
-    keep = mask.permute(0, 1, 2, 4, 3, 5).reshape(b, u, nc, bq, kk * bk)
-    return torch.zeros((), dtype=dtype).masked_fill(~keep, float("-inf"))
-
-
-def _parts(k, v, layout_parts, c0: int, c1: int, per_unit: int, dtype) -> list[_Part]:
-    blocks, mask, band = layout_parts
+def _parts(k, v, plan, c0: int, c1: int, per_unit: int) -> list[_Part]:
+    """The parts query blocks [c0, c1) read: the band (if these blocks are banded) and the gathered rest."""
+    blocks, bias, used, band = plan
     parts = []
     if band is not None and c0 >= band.first:
         parts.append(_band_part(k, v, band, c0, c1))
-    chunk_blocks = blocks[:, :, c0:c1]
-    used = max(int((chunk_blocks >= 0).sum(-1).max()), 1)  # lists are sorted with -1 last: trim the padding
-    chunk_mask = mask[:, :, c0:c1, :used]
-    if bool(chunk_mask.any()) or not parts:
-        parts.append(_gather_part(k, v, chunk_blocks[..., :used], _bias_of(chunk_mask, dtype), per_unit))
+    n_used = max(used[c0:c1])  # slot lists are sorted with -1 last: trim the padding
+    if n_used > 0 or not parts:
+        n_used = max(n_used, 1)
+        bk = k.shape[3]
+        chunk_bias = bias[:, :, c0:c1, :, : n_used * bk]
+        parts.append(_gather_part(k, v, blocks[:, :, c0:c1, :n_used], chunk_bias, per_unit))
     return parts
 
 
@@ -111,13 +106,18 @@ def _unfold_q(x: torch.Tensor, shape) -> torch.Tensor:
     return x.view(b, u, nc, p, bq, *x.shape[3:]).transpose(2, 3)
 
 
-def block_attention(q, k, v, layout: BlockLayout, blocks, mask, scaling: float, step: int, sink=None):
-    """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); blocks (B, U, NQ, K); mask (B, U, NQ, K, BQ, BK);
-    sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
+def block_attention(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, step: int, sink=None):
+    """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); blocks (B, U, NQ, K) and bias (B, U, NQ, BQ, K*BK)
+    from the layout; sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
+    units = blocks.shape[1]
     band = layout.band() if layout.groups == 1 else None
     if band is not None:
-        blocks, mask = (_expand_units(t, blocks.shape[1]) for t in (band.rest_blocks, band.rest_mask))
-    return _Fused.apply(q, k, v, sink, blocks, mask, band, scaling, step)
+        blocks = _expand_units(band.rest_blocks.clamp(min=0), units)
+        bias = _expand_units(band.rest_bias(q.dtype), units)
+        used = band.rest_used()
+    else:
+        used = (layout.kv_blocks >= 0).sum(-1).amax(dim=(0, 1)).tolist()
+    return _Fused.apply(q, k, v, sink, (blocks, bias, used, band), scaling, step)
 
 
 def _expand_units(x: torch.Tensor, units: int) -> torch.Tensor:
@@ -126,15 +126,16 @@ def _expand_units(x: torch.Tensor, units: int) -> torch.Tensor:
 
 class _Fused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, blocks, mask, band, scaling: float, step: int):
+    def forward(ctx, q, k, v, sink, plan, scaling: float, step: int):
         b, u, p, nq, bq, d = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, u, p, nq, bq, dtype=torch.float32)
+        band = plan[3]
         for c0, c1 in _chunks(nq, step, band):
             q2 = _fold_q(q, c0, c1)
             shape = (b, u, p, c1 - c0, bq, d)
             acc, acc_lse = None, None
-            for part in _parts(k, v, (blocks, mask, band), c0, c1, p, q.dtype):
+            for part in _parts(k, v, plan, c0, c1, p):
                 o, part_lse = _FWD(q2, part.k2, part.v2, attn_mask=part.bias, scale=scaling)
                 o, part_lse = _unfold_q(o, shape), _unfold_q(part_lse.float(), shape)
                 if acc is None:
@@ -152,23 +153,23 @@ class _Fused(torch.autograd.Function):
             total = lse
         # the backward recomputes P = exp(S - total): +inf for rows that see nothing makes their P 0
         total = total.masked_fill(~torch.isfinite(total), float("inf"))
-        ctx.save_for_backward(q, k, v, sink, blocks, mask, out, total)
-        ctx.band, ctx.scaling, ctx.step = band, scaling, step
+        ctx.save_for_backward(q, k, v, sink, out, total)
+        ctx.plan, ctx.scaling, ctx.step = plan, scaling, step
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, sink, blocks, mask, out, total = ctx.saved_tensors
+        q, k, v, sink, out, total = ctx.saved_tensors
         b, u, p, nq, bq, d = q.shape
         bk = k.shape[3]
         grad_out = grad_out.contiguous()
         dq = torch.zeros_like(q)
         dk = torch.zeros(k.numel() // (bk * d), bk * d, dtype=k.dtype)
         dv = torch.zeros_like(dk)
-        for c0, c1 in _chunks(nq, ctx.step, ctx.band):
+        for c0, c1 in _chunks(nq, ctx.step, ctx.plan[3]):
             q2, go2, o2 = (_fold_q(t, c0, c1) for t in (q, grad_out, out))
             l2 = total[:, :, :, c0:c1].permute(0, 1, 3, 2, 4).reshape(b * u, c1 - c0, p * bq)
-            for part in _parts(k, v, (blocks, mask, ctx.band), c0, c1, p, q.dtype):
+            for part in _parts(k, v, ctx.plan, c0, c1, p):
                 gq, gk, gv = _BWD(go2, q2, part.k2, part.v2, o2, l2, 0.0, False, attn_mask=part.bias, scale=ctx.scaling)
                 dq[:, :, :, c0:c1] += _unfold_q(gq, (b, u, p, c1 - c0, bq, d))
                 dk.index_add_(0, part.rows, gk.reshape(-1, bk * d))
@@ -177,7 +178,7 @@ class _Fused(torch.autograd.Function):
         if sink is not None and ctx.needs_input_grad[3]:
             delta = (grad_out.float() * out.float()).sum(-1)  # (B, U, P, NQ, BQ)
             dsink = -(delta * torch.exp(sink.float() - total)).sum(dim=(0, 3, 4), keepdim=True).to(sink.dtype)
-        return dq, dk.view_as(k), dv.view_as(v), dsink, None, None, None, None, None
+        return dq, dk.view_as(k), dv.view_as(v), dsink, None, None, None
 
 
 def _weight(part_lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,8 @@ def block_attention(
     step = max(1, CHUNK_ELEMENTS // max(1, b * h * bq * kmax * bk))
     if block_fused_cpu.available(query, softcap):
         sink = None if sink_logit is None else sink_logit.view(1, units, per_unit, 1, 1)
-        allowed = _per_unit(layout.mask, unit_group, units)
-        out = block_fused_cpu.block_attention(q, k, v, layout, idx, allowed, scaling, step, sink)
+        bias = _per_unit(layout.bias(query.dtype), unit_group, units)
+        out = block_fused_cpu.block_attention(q, k, v, layout, idx, bias, scaling, step, sink)
         return out.reshape(b, h, nq * bq, d)[:, :, :lq].transpose(1, 2).contiguous()
     allowed = _per_unit(layout.mask, unit_group, units)  # (B, U, NQ, K, BQ, BK)
     sink = None if sink_logit is None else sink_logit.float().view(1, units, per_unit, 1, 1, 1)

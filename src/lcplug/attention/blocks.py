@@ -32,13 +32,9 @@ class BlockLayout:
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive (B, G, NQ, BQ, K*BK) bias, 0 where allowed and -inf elsewhere; built once per dtype and
         shared by every layer that runs this layout in one forward pass."""
-        cached = self._memo.get(("bias", dtype))
-        if cached is None:
-            b, g, nq, k, bq, bk = self.mask.shape
-            keep = self.mask.permute(0, 1, 2, 4, 3, 5).reshape(b, g, nq, bq, k * bk)
-            cached = torch.zeros((), dtype=dtype).masked_fill(~keep, float("-inf"))
-            self._memo[("bias", dtype)] = cached
-        return cached
+        if ("bias", dtype) not in self._memo:
+            self._memo[("bias", dtype)] = _additive(self.mask, dtype)
+        return self._memo[("bias", dtype)]
 
     def band(self) -> Band | None:
         """The banded part of this layout, if it has one worth running copy-free (cached)."""
@@ -91,6 +87,26 @@ class Band:
     offset: int
     rest_blocks: torch.Tensor  # (B, G, NQ, Kr) long, -1 = unused
     rest_mask: torch.Tensor  # (B, G, NQ, Kr, BQ, BK) bool
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def rest_used(self) -> list[int]:
+        """Per query block, how many rest slots any row or group uses (lists are sorted, -1 last)."""
+        if "used" not in self._memo:
+            self._memo["used"] = (self.rest_blocks >= 0).sum(-1).amax(dim=(0, 1)).tolist()
+        return self._memo["used"]
+
+    def rest_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (B, G, NQ, BQ, Kr*BK) bias of the rest blocks, built once per dtype."""
+        if dtype not in self._memo:
+            self._memo[dtype] = _additive(self.rest_mask, dtype)
+        return self._memo[dtype]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, G, NQ, K, BQ, BK) bool -> (B, G, NQ, BQ, K*BK) additive bias: 0 where allowed, -inf elsewhere."""
+    b, g, nq, k, bq, bk = mask.shape
+    keep = mask.permute(0, 1, 2, 4, 3, 5).reshape(b, g, nq, bq, k * bk)
+    return torch.zeros((), dtype=dtype).masked_fill(~keep, float("-inf"))
 
 
 def find_band(layout: BlockLayout) -> Band | None:
