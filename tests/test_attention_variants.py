@@ -108,3 +108,20 @@ def test_hybrid_schedule_and_manifest():
 def test_bad_variant_params(spec, error, needle):
     with pytest.raises(error, match=needle):
         lcplug.patch(tiny_model("llama"), attention=spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "s2:group=8,block_size=4",
+        {"name": "hybrid", "sparse": {"name": "sliding-window", "window": 5, "block_size": 4}, "ratio": "2:1"},
+        "loza:block=4,local_blocks=2",
+        "loza:mode=calibrate,block=4,local_blocks=2",
+        "duo:sink=2,recent=6,block_size=4",
+        "dsa:topk=8,block_size=4,heads=2,dim=8,stage=sparse",
+    ],
+)
+def test_every_variant_passes_the_conformance_kit(spec):
+    from lcplug.testing.conformance import check_plugin
+
+    check_plugin("attention", spec, family="llama")

@@ -46,10 +46,22 @@ class ShiftedGroupsPattern(Pattern):
 
 
 class S2Layer(PatternAttention):
-    """Shifted-group attention while the model trains; the model's own full attention in eval mode."""
+    """Shifted-group attention while the model trains; the model's own full attention in eval mode.
+
+    `pattern` is the pattern of the current mode (all keys in eval mode), so tools that read a layer's
+    pattern (the conformance kit, KV tiers, CP) see what the layer computes now.
+    """
+
+    @property
+    def pattern(self) -> Pattern:
+        return self._shifted if self.training else Pattern()
+
+    @pattern.setter
+    def pattern(self, value: Pattern) -> None:
+        self._shifted = value
 
     def forward(self, module: nn.Module, query, key, value, mask, **kwargs: Any):
-        if not module.training:
+        if not self.training:
             return self.run_native(module, query, key, value, mask, **kwargs)
         return super().forward(module, query, key, value, mask, **kwargs)
 
