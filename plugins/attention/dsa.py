@@ -164,7 +164,8 @@ class DSAAttention(LayerAttention):
         blocks, keep, self.loss = self._select(query, key, call, select=sparse)
         if not sparse:  # warm-up: the model's own attention, bit for bit
             return self.run_native(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kw)
-        executor = choose(self.executor, query.device)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        executor = choose(self.executor, query.device, needs_grad)
         if executor == "reference" or not isinstance(mask, LazyMask) or (dropout and module.training):
             chosen = BlockLayout(call.block_q, call.block_k, call.lq, call.lkv, blocks[:, None], keep[:, None])
             allowed = dense_allowed(mask, query, key, module) & chosen.to_dense()

@@ -85,12 +85,15 @@ def flex_block_attention(
     h, lq = query.shape[1], query.shape[2]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, sink_logit))
     if grad and query.device.type == "cpu":
-        raise NotImplementedError("FlexAttention has no backward on the CPU; use executor='torch'")
+        raise RuntimeError("FlexAttention has no backward on the CPU; use executor='torch'")
     if not grad:  # flex rejects CPU inputs that merely carry requires_grad, even when no graph is recorded
         query, key, value = query.detach(), key.detach(), value.detach()
         sink_logit = None if sink_logit is None else sink_logit.detach()
     has_sink = sink_logit is not None
-    block_mask = _block_mask(layout, h, sink=has_sink, backward=grad)
+    memo_key = ("flex", h, has_sink, grad, query.device)
+    if memo_key not in layout._memo:  # built once per layout, shared by every layer of the forward pass
+        layout._memo[memo_key] = _block_mask(layout, h, sink=has_sink, backward=grad)
+    block_mask = layout._memo[memo_key]
     q_cols, kv_cols = block_mask.seq_lengths
     sink_col = kv_cols - 1  # only read when there is a sink
     sink = sink_logit.float() if has_sink else None
@@ -121,7 +124,8 @@ def _block_mask(layout: BlockLayout, heads: int, *, sink: bool, backward: bool) 
     `mask_mod` reads one table at the layout's block granularity: (row, group, query block, key block)
     -> a tile of `tiles`, which holds an all-True tile (full blocks), an all-False one (blocks not kept),
     the sink column's tile and a copy of each partial block's token mask. Flex's own blocks may be
-    coarser (`MIN_FLEX_BLOCK`): one is full when all layout blocks in it are, listed when any is kept.
+    coarser (`MIN_FLEX_BLOCK`): one is full when all layout blocks in it are, else partial when any
+    layout block in it is kept.
     """
     bq, bk = layout.block_q, layout.block_k
     b, g, nq, _ = layout.kv_blocks.shape
@@ -139,6 +143,8 @@ def _block_mask(layout: BlockLayout, heads: int, *, sink: bool, backward: bool) 
     tile[full] = _FULL
     tile[partial] = torch.arange(_FIRST_PARTIAL, _FIRST_PARTIAL + n_partial, device=device)
     rows = max(nq_pad, mq)
+    # a short chunk's query block (q_len < the pattern's block, so any size) is flex's only row of blocks
+    flex_bq = max(bq * mq, min_q) if rows == mq else bq * mq
     table = torch.full((b, g, rows, cols + 1), _EMPTY, dtype=torch.long, device=device)
     table[:, :, :nq].scatter_(-1, torch.where(kept, layout.kv_blocks, cols), tile)  # unused slots: dropped column
     table = table[..., :cols].contiguous()
@@ -151,13 +157,14 @@ def _block_mask(layout: BlockLayout, heads: int, *, sink: bool, backward: bool) 
 
     keys = table[..., :nkb].reshape(b, g, rows // mq, mq, nkb // mk, mk)
     flex_full = (keys == _FULL).all(-1).all(3)
-    flex_listed = (keys != _EMPTY).any(-1).any(3) & ~flex_full
+    flex_partial = (keys != _EMPTY).any(-1).any(3) & ~flex_full
     if sink:
         flex_full = torch.nn.functional.pad(flex_full, (0, 1), value=False)
-        flex_listed = torch.nn.functional.pad(flex_listed, (0, 1), value=True)
+        flex_partial = torch.nn.functional.pad(flex_partial, (0, 1), value=True)
     per_group = heads // g
     if g > 1:  # flex's block mask is per query head (or one for all)
-        flex_full, flex_listed = flex_full.repeat_interleave(per_group, 1), flex_listed.repeat_interleave(per_group, 1)
+        flex_full = flex_full.repeat_interleave(per_group, 1)
+        flex_partial = flex_partial.repeat_interleave(per_group, 1)
     flat_table, flat_tiles, tile_size = table.flatten(), tiles.flatten(), bq * bk
 
     def mask_mod(bi, hi, qi, ki):  # flat indexing: one indirect load each, cheaper in the compiled kernel
@@ -165,9 +172,9 @@ def _block_mask(layout: BlockLayout, heads: int, *, sink: bool, backward: bool) 
         return flat_tiles[t * tile_size + (qi % bq) * bk + ki % bk]
 
     return BlockMask.from_kv_blocks(
-        *_ordered(flex_listed),
+        *_ordered(flex_partial),
         *_ordered(flex_full),
-        BLOCK_SIZE=(bq * mq, bk * mk),
+        BLOCK_SIZE=(flex_bq, bk * mk),
         mask_mod=mask_mod,
         seq_lengths=(nq_pad * bq, nkb * bk + sink),
         compute_q_blocks=backward,

@@ -46,18 +46,27 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def flex_usable(device: torch.device) -> bool:
-    return find_spec("torch.nn.attention.flex_attention") is not None
+def flex_usable(device: torch.device, needs_grad: bool = False) -> bool:
+    """FlexAttention exists in this torch; on the CPU it has no backward."""
+    present = find_spec("torch.nn.attention.flex_attention") is not None
+    return present and not (needs_grad and device.type == "cpu")
 
 
-_USABLE = {"torch": lambda d: True, "flex": flex_usable, "triton": triton_usable}
+_USABLE = {
+    "torch": lambda device, needs_grad: True,
+    "flex": flex_usable,
+    "triton": lambda device, needs_grad: triton_usable(device),
+}
 
 
-def choose(executor: str, device: torch.device) -> str:
+def choose(executor: str, device: torch.device, needs_grad: bool = False) -> str:
     """The executor that will run: `auto` -> triton on CUDA, else torch; unusable choices fall back."""
     if executor == "auto":
         return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
-    if executor in _USABLE and not _USABLE[executor](device):
-        warnings.warn(f"executor {executor!r} cannot run on {device.type}; using 'torch'", stacklevel=3)
+    if executor in _USABLE and not _USABLE[executor](device, needs_grad):
+        why = "without a backward" if needs_grad and executor == "flex" else ""
+        warnings.warn(
+            f"executor {executor!r} cannot run on {device.type}{' ' + why if why else ''}; using 'torch'", stacklevel=3
+        )
         return "torch"
     return executor

@@ -92,7 +92,8 @@ class PatternAttention(LayerAttention):
         **kwargs,
     ):
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-        executor = choose(self.executor, query.device)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        executor = choose(self.executor, query.device, needs_grad)
         if executor == "reference" or not isinstance(mask, LazyMask) or (dropout and module.training):
             return self.reference(module, query, key, value, mask, scaling, dropout, kwargs)
         layout = static_layout(
