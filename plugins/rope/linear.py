@@ -8,7 +8,7 @@ from typing import Any
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.plugin import RopePlugin
-from lcplug.rope import extend_parameters
+from lcplug.rope import check_rope, extend_parameters
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,15 @@ class LinearRope(RopePlugin):
     """Position interpolation (Chen et al. 2023): every rotary frequency divided by `factor`.
 
     Written as standard `rope_parameters` {"rope_type": "linear", "factor": s}, so the checkpoint loads
-    right in plain transformers and serving engines.
+    right in plain transformers and serving engines. On a model that is already "linear" the factors
+    multiply; max_position_embeddings becomes s times the current one.
     """
 
     name = "linear"
     Params = LinearParams
+
+    def check(self, model: Any, adapter: Any) -> None:
+        check_rope(self, model, adapter)
 
     def rope_parameters(self, base: dict[str, Any], config: Any) -> dict[str, Any]:
         return extend_parameters(base, "linear", factor=self.params.factor, owner=self.qualname())

@@ -9,7 +9,7 @@ from lcplug.errors import ParamError
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.plugin import RopePlugin
-from lcplug.rope import extend_parameters
+from lcplug.rope import check_rope, extend_parameters, original_length
 
 _POS = {"check": lambda v: v > 0, "valid": "a number > 0"}
 
@@ -47,18 +47,8 @@ class YarnRope(RopePlugin):
     name = "yarn"
     Params = YarnParams
 
-    def _original(self, config: Any) -> int:
-        current = int(config.max_position_embeddings)
-        orig = self.params.original_max_position_embeddings or current
-        if orig > current:
-            raise ParamError(
-                f"{self.qualname()}: original_max_position_embeddings={orig} is above the model's current "
-                f"max_position_embeddings={current}; valid: an integer <= {current}"
-            )
-        return orig
-
     def check(self, model: Any, adapter: Any) -> None:
-        self._original(adapter.text_config(model))
+        check_rope(self, model, adapter)
 
     def rope_parameters(self, base: dict[str, Any], config: Any) -> dict[str, Any]:
         p = self.params
@@ -67,7 +57,9 @@ class YarnRope(RopePlugin):
             "yarn",
             owner=self.qualname(),
             factor=p.factor,
-            original_max_position_embeddings=self._original(config),
+            original_max_position_embeddings=original_length(
+                config, p.original_max_position_embeddings, self.qualname()
+            ),
             beta_fast=p.beta_fast,
             beta_slow=p.beta_slow,
             mscale=p.mscale,

@@ -311,9 +311,187 @@ def format_check(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- lcplug rope-search ----------------------------------------------------------------------------
+
+
+def _positive(value: str) -> int:
+    """argparse type of counts that must be >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
+def add_rope_search(subparsers: Subparsers) -> None:
+    """`lcplug rope-search`: LongRoPE's evolutionary search of per-dimension rope factors for a checkpoint."""
+    from .rope_search import SearchSettings
+
+    defaults = SearchSettings()
+    p = subparsers.add_parser(
+        "rope-search",
+        help="search LongRoPE per-dimension rescale factors for a target length (evolutionary, by perplexity)",
+        description=(
+            "Load MODEL_DIR, cut calibration samples of --target-length tokens from --data (a text file or a "
+            "directory; default: the Python standard library's source), and evolve per-dimension rope rescale "
+            "factors (population, mutation, crossover; non-decreasing from high to low frequency) that minimise "
+            "the perplexity of the model patched with `longrope`. Prints the perplexities (no extension, PI, "
+            "found) and the longrope spec; --output writes the spec as JSON for lcplug.patch(model, rope=...)."
+        ),
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="a local checkpoint directory")
+    p.add_argument("--target-length", type=_positive, required=True, help="tokens per calibration sample")
+    p.add_argument("--data", type=Path, help="text file or directory of calibration text (default: stdlib source)")
+    p.add_argument("--samples", type=_positive, default=4, help="calibration samples (default: 4)")
+    p.add_argument("--original-length", type=_positive, help="trained length L (default: max_position_embeddings)")
+    p.add_argument("--population", type=_positive, default=defaults.population, help="candidates kept per generation")
+    p.add_argument("--generations", type=int, default=defaults.generations, help="generations of evolution")
+    p.add_argument("--mutations", type=int, default=defaults.mutations, help="mutated children per generation")
+    p.add_argument("--crossovers", type=int, default=defaults.crossovers, help="crossed children per generation")
+    p.add_argument("--batch-size", type=_positive, default=defaults.batch_size, help="samples per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and of the search (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    p.add_argument("--output", type=Path, help="write the found longrope spec to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=run_rope_search)
+
+
+def run_rope_search(args: argparse.Namespace) -> int:
+    """Run the search and report; the spec goes to stdout (and --output), the progress bar to stderr."""
+    from .rope_search import SearchSettings, load_samples, load_tokenizer, search_longrope
+
+    if not args.model_dir.is_dir():
+        raise CLIError(f"MODEL_DIR {str(args.model_dir)!r} is not a directory")
+    settings = SearchSettings(
+        population=args.population,
+        generations=args.generations,
+        mutations=args.mutations,
+        crossovers=args.crossovers,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    settings.validate()
+    tokenizer = load_tokenizer(args.model_dir)
+    model = _load_model(args.model_dir).to(args.device)
+    vocab = model.config.get_text_config().vocab_size
+    if tokenizer is None and vocab < 256:
+        raise CLIError(f"MODEL_DIR has no tokenizer and a vocabulary of {vocab} < 256, so bytes cannot be its tokens")
+    samples = load_samples(args.data, args.target_length, args.samples, tokenizer=tokenizer, seed=args.seed)
+    result = search_longrope(
+        model, samples, original_length=args.original_length, settings=settings, progress=not args.no_progress
+    )
+    if args.output is not None:
+        args.output.write_text(json.dumps(result.spec, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    ppl = result.baselines
+    print(
+        f"perplexity at {args.target_length} tokens ({args.samples} samples): no extension {ppl['none']:.4f}, "
+        f"PI (linear factor {result.spec['factor']:g}) {ppl['linear']:.4f}, longrope found {result.perplexity:.4f} "
+        f"({result.evaluations} candidates, {result.seconds:.1f} s)"
+    )
+    print(json.dumps(result.spec))
+    return 0
+
+
+# ---- lcplug eval -----------------------------------------------------------------------------------
+
+
+def _number_list(kind: type) -> Callable[[str], list]:
+    """argparse type of comma-separated numbers (`256,512,1024`); the probes check the values themselves."""
+
+    def parse(value: str) -> list:
+        try:
+            return [kind(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {value!r}") from None
+
+    return parse
+
+
+def add_eval(subparsers: Subparsers) -> None:
+    """`lcplug eval`: long-context retrieval and perplexity of one or more checkpoints, side by side."""
+    p = subparsers.add_parser(
+        "eval",
+        help="long-context probes (passkey, needle grid, multi-key, perplexity) with a table, JSON and plots",
+        description=(
+            "Load each MODEL with lcplug.from_pretrained (fp32; a manifest's patches are re-applied, so long "
+            "contexts run through its sparse attention and KV tiers), run the probes over every length (and "
+            "needle depth), print a table with the models side by side, and with --out write results.json, "
+            "heatmap_<probe>.png (accuracy over depth x length) and ppl.png. Lengths beyond a model's "
+            "max_position_embeddings are run and marked, not clipped. See docs/eval.md."
+        ),
+    )
+    p.add_argument("models", metavar="MODEL", nargs="+", help="a checkpoint directory or Hub repo id")
+    p.add_argument(
+        "--probes",
+        default="passkey,needle,multikey,ppl",
+        metavar="LIST",
+        help="comma-separated probes (default: all four)",
+    )
+    p.add_argument(
+        "--lengths",
+        type=_number_list(int),
+        default=[1024, 2048, 4096],
+        metavar="LIST",
+        help="prompt lengths in tokens (default: 1024,2048,4096)",
+    )
+    p.add_argument(
+        "--depths",
+        type=_number_list(float),
+        default=[0, 0.25, 0.5, 0.75, 1],
+        metavar="LIST",
+        help="needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)",
+    )
+    p.add_argument("--samples", type=int, default=4, help="trials per (length, depth) cell (default: 4)")
+    p.add_argument("--keys", type=int, default=4, help="needles in the multi-key probe (default: 4)")
+    p.add_argument(
+        "--haystack", type=Path, metavar="PATH", help="text file or directory of filler text (default: stdlib source)"
+    )
+    p.add_argument("--out", type=Path, metavar="DIR", help="write results.json and the PNG plots into this directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of keys, depths and text windows (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Validate the probes and the haystack first (before any model loads), then evaluate each model in turn."""
+    from .eval import Haystack, build_probes, evaluate, format_table, load_for_eval, report, write_report
+    from .eval.report import PlotError
+
+    probes = build_probes(
+        args.probes, lengths=args.lengths, depths=args.depths, samples=args.samples, seed=args.seed, keys=args.keys
+    )
+    haystack = Haystack(args.haystack)
+    if any(probe.needs_haystack for probe in probes):
+        _ = haystack.text  # an empty source fails now, not after the first model has run
+    results = []
+    for ref in args.models:
+        model, tokenizer = load_for_eval(ref, args.device)
+        results.append(
+            evaluate(model, probes, tokenizer=tokenizer, haystack=haystack, label=ref, progress=not args.no_progress)
+        )
+        del model
+    print(json.dumps(report(results), indent=2) if args.json else format_table(results))
+    if args.out is not None:
+        try:
+            files = write_report(results, args.out)
+        except PlotError as exc:
+            print(f"lcplug: warning: {exc}; wrote results.json only", file=sys.stderr)
+            files = {"results": args.out / "results.json"}
+        print("wrote " + ", ".join(str(path) for path in files.values()), file=sys.stderr)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_plugins, add_check)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_plugins, add_check, add_rope_search, add_eval)
 """One `add_<name>` per subcommand; each builds its parser and sets `handler` (Namespace -> exit code)."""
 
 

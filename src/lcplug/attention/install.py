@@ -33,6 +33,7 @@ def install_attention(plugin: AttentionPlugin, ctx: PatchContext) -> None:
         else:
             layer = NativeAttention(native_fn, native_impl)
         layer.to(device=_device_of(module))
+        layer.train(module.training)  # a new submodule must follow the model's current train/eval mode
         txn.add_module(module, SUBMODULE, layer)
     txn.call(
         lambda: model.set_attn_implementation(DISPATCHER_NAME),
