@@ -21,7 +21,8 @@ from pathlib import Path
 
 HEADS, DIM = 8, 64
 PATTERNS = ("sliding-window", "loza", "dsa")
-EXECUTORS = ("torch", "flex", "reference")
+EXECUTORS = ("torch", "flex", "flex-native", "reference")
+NATIVE_FLEX = {"sliding-window", "loza"}  # patterns torch's own create_block_mask can express as a mask_mod
 REFERENCE_MAX = 4096  # the dense reference is O(N^2) in time and memory
 
 
@@ -57,7 +58,9 @@ def _worker(args: argparse.Namespace) -> dict:
         if args.pattern == "dense":
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            if args.executor == "reference":
+            if args.executor == "flex-native":
+                out = native_flex(q, k, v, block_mask=block_mask, scale=DIM**-0.5)
+            elif args.executor == "reference":
                 from lcplug.attention.reference import reference_attention
 
                 out, _ = reference_attention(q, k, v, layout.to_dense(), DIM**-0.5)
@@ -92,6 +95,21 @@ def _worker(args: argparse.Namespace) -> dict:
             pat = StreamingBlocksPattern(sink_blocks=1, local_blocks=7, block=128)
         return static_layout(pat, mask, None, block_q=pat.block_size, block_k=pat.block_size)
 
+    if args.executor == "flex-native":  # FlexAttention used directly: create_block_mask from a mask_mod
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        native_flex = torch.compile(flex_attention, dynamic=False)
+        if args.pattern == "sliding-window":
+
+            def mask_mod(b, h, qi, ki):
+                return (ki <= qi) & (((qi - ki) < 1024) | (ki < 4))
+
+        else:
+
+            def mask_mod(b, h, qi, ki):
+                return (ki <= qi) & ((ki < 128) | ((qi // 128 - ki // 128) <= 6))
+
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device="cpu", _compile=True)
     # the layout is built once per forward pass and shared by every layer with the pattern: timed apart
     start = time.perf_counter()
     layout = None if args.pattern == "dense" else _layout(args.pattern, mask, q, k)
@@ -99,8 +117,9 @@ def _worker(args: argparse.Namespace) -> dict:
         layout.band()
     layout_seconds = time.perf_counter() - start
     kept = n * (n + 1) // 2 if layout is None else int(layout.mask.sum())
-    if args.executor == "flex":
-        run()  # compile once
+    if layout is not None or args.executor == "flex-native":
+        run()  # warm-up: compilation (flex) and the layout's derived tensors (biases, BlockMask), which a model
+        # builds once per forward pass and shares across its layers
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
@@ -168,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 for executor in args.executors:
                     if executor == "reference" and n > REFERENCE_MAX:
                         continue
-                    if executor == "flex" and mode == "fwd+bwd":
+                    if executor in ("flex", "flex-native") and mode == "fwd+bwd":
                         continue  # FlexAttention has no backward on the CPU
+                    if executor == "flex-native" and pattern not in NATIVE_FLEX:
+                        continue
                     res = measure(n, pattern, executor, mode, args.threads, args.timeout)
                     _print_row(rows, n, mode, pattern, executor, res, dense)
     out = Path(args.out)
