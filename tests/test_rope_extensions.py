@@ -478,3 +478,19 @@ def test_model_without_rotary_embedding_is_refused(spec):
     with pytest.raises(UnsupportedModelError, match="no rope_parameters"):
         lcplug.patch(model, rope=spec)
     assert lcplug.patch_state(model) is None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "ntk:factor=2",
+        "dynamic:factor=2",
+        "llama3:factor=4,original_max_position_embeddings=64",
+        "longrope:long_factor=1 1 1.5 2 2 3 3 4,factor=4,original_max_position_embeddings=64",
+        "selfextend:group=4,window=8",
+    ],
+)
+def test_every_rope_plugin_passes_the_conformance_kit(spec):
+    from lcplug.testing.conformance import check_plugin
+
+    check_plugin("rope", spec, family="llama")
