@@ -8,7 +8,7 @@ from typing import Any
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.plugin import RopePlugin
-from lcplug.rope import check_rope, extend_parameters
+from lcplug.rope import extend_parameters
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,6 @@ class DynamicRope(RopePlugin):
 
     name = "dynamic"
     Params = DynamicParams
-
-    def check(self, model: Any, adapter: Any) -> None:
-        check_rope(self, model, adapter)
 
     def rope_parameters(self, base: dict[str, Any], config: Any) -> dict[str, Any]:
         return extend_parameters(base, "dynamic", factor=self.params.factor, owner=self.qualname())

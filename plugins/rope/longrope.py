@@ -9,7 +9,7 @@ from lcplug.errors import ParamError
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.plugin import RopePlugin
-from lcplug.rope import check_rope, extend_parameters, original_length, rotary_dim
+from lcplug.rope import extend_parameters, original_length, rotary_dim
 
 _FACTORS = {"check": lambda v: len(v) > 0 and all(x > 0 for x in v), "valid": "a non-empty list of numbers > 0"}
 
@@ -48,9 +48,6 @@ class LongRope(RopePlugin):
 
     name = "longrope"
     Params = LongRopeParams
-
-    def check(self, model: Any, adapter: Any) -> None:
-        check_rope(self, model, adapter)
 
     def rope_parameters(self, base: dict[str, Any], config: Any) -> dict[str, Any]:
         p = self.params

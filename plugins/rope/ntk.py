@@ -8,7 +8,7 @@ from typing import Any
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.plugin import RopePlugin
-from lcplug.rope import check_rope, scale_theta
+from lcplug.rope import scale_theta
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,6 @@ class NtkRope(RopePlugin):
 
     name = "ntk"
     Params = NtkParams
-
-    def check(self, model: Any, adapter: Any) -> None:
-        check_rope(self, model, adapter)
 
     def rope_parameters(self, base: dict[str, Any], config: Any) -> dict[str, Any]:
         return scale_theta(base, self.params.factor, config, owner=self.qualname())

@@ -18,7 +18,7 @@ from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.plugin import Adapter, Plugin, RopePlugin
 from lcplug.positions import rope_positions
-from lcplug.rope import base_config, check_rope, install_rope, layer_inv_freq, require_fixed_frequencies, rotate
+from lcplug.rope import base_config, install_rope, layer_inv_freq, require_fixed_frequencies, rotate
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class SelfExtendRope(RopePlugin):
             )
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
-        check_rope(self, model, adapter)
+        super().check(model, adapter)
         config = base_config(model, adapter)
         require_fixed_frequencies(config, self.qualname())
         if self.params.window >= config.max_position_embeddings:

@@ -9,7 +9,7 @@ from lcplug.errors import ParamError
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.plugin import RopePlugin
-from lcplug.rope import check_rope, extend_parameters, original_length
+from lcplug.rope import extend_parameters, original_length
 
 _POS = {"check": lambda v: v > 0, "valid": "a number > 0"}
 
@@ -46,9 +46,6 @@ class YarnRope(RopePlugin):
 
     name = "yarn"
     Params = YarnParams
-
-    def check(self, model: Any, adapter: Any) -> None:
-        check_rope(self, model, adapter)
 
     def rope_parameters(self, base: dict[str, Any], config: Any) -> dict[str, Any]:
         p = self.params

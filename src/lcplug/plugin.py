@@ -122,6 +122,12 @@ class RopePlugin(Plugin):
         """The context length the extended model claims."""
         return base_max
 
+    def check(self, model: PreTrainedModel, adapter: Adapter) -> None:
+        """Everything installing would refuse (no rotary embedding, bad params, conflicting rope types)."""
+        from .rope import check_rope
+
+        check_rope(self, model, adapter)
+
     def install(self, ctx: PatchContext) -> None:
         from .rope import install_rope
 
