@@ -37,11 +37,25 @@ def available(query: torch.Tensor, softcap: float | None) -> bool:
 
 
 class _Part:
-    """Keys/values of one part for a chunk of query blocks, in the kernel's (N, nc, S, D) layout, plus the
-    block rows they came from (for the gradient scatter) and the additive bias (None = mask-free)."""
+    """Keys/values of one part for a chunk of query blocks, in the kernel's (N, nc, S, D) layout, plus where
+    their gradients go back: `band_start` (the first key block of the chunk's band; query block c0 + i
+    reads blocks band_start + i + w) or the flat block `rows` of a gather. `bias` None means mask-free."""
 
-    def __init__(self, k2, v2, bias, rows, width):
-        self.k2, self.v2, self.bias, self.rows, self.width = k2, v2, bias, rows, width
+    def __init__(self, k2, v2, bias, width, *, rows=None, band_start=None):
+        self.k2, self.v2, self.bias, self.width = k2, v2, bias, width
+        self.rows, self.band_start = rows, band_start
+
+    def add_grad(self, grad: torch.Tensor, into: torch.Tensor, nkb: int) -> None:
+        """Add a (N, nc, width*BK, D) key/value gradient into `into` (N*NKB, BK*D) at its blocks."""
+        n, nc = grad.shape[:2]
+        if self.band_start is None:
+            into.index_put_((self.rows,), grad.reshape(self.rows.numel(), -1), accumulate=True)
+            return
+        # the band is a diagonal: shift-and-add `width` slices instead of a scatter over every (block, slot)
+        g = grad.reshape(n, nc, self.width, -1)
+        target = into.view(n, nkb, -1)
+        for w in range(self.width):
+            target[:, self.band_start + w : self.band_start + w + nc] += g[:, :, w]
 
 
 def _band_part(k, v, band: Band, c0: int, c1: int) -> _Part:
@@ -51,8 +65,7 @@ def _band_part(k, v, band: Band, c0: int, c1: int) -> _Part:
     size, stride = (b * u, c1 - c0, band.width * bk, d), (nkb * bk * d, bk * d, d, 1)
     k2 = k.as_strided(size, stride, k.storage_offset() + start * bk * d)
     v2 = v.as_strided(size, stride, v.storage_offset() + start * bk * d)
-    blocks = (torch.arange(c0, c1)[:, None] + start - c0 + torch.arange(band.width)).view(1, 1, c1 - c0, band.width)
-    return _Part(k2, v2, None, _rows(blocks.expand(b, u, -1, -1), nkb), band.width)
+    return _Part(k2, v2, None, band.width, band_start=start)
 
 
 def _gather_part(k, v, blocks: torch.Tensor, bias: torch.Tensor, per_unit: int) -> _Part:
@@ -64,7 +77,7 @@ def _gather_part(k, v, blocks: torch.Tensor, bias: torch.Tensor, per_unit: int) 
     v2 = torch.index_select(v.reshape(-1, bk * d), 0, rows).view(b * u, nc, kk * bk, d)
     bq = bias.shape[-2]
     bias = bias[:, :, :, None].expand(-1, -1, -1, per_unit, -1, -1).reshape(b * u, nc, per_unit * bq, kk * bk)
-    return _Part(k2, v2, bias, rows, kk)
+    return _Part(k2, v2, bias, kk, rows=rows)
 
 
 def _rows(blocks: torch.Tensor, nkb: int) -> torch.Tensor:
@@ -172,8 +185,8 @@ class _Fused(torch.autograd.Function):
             for part in _parts(k, v, ctx.plan, c0, c1, p):
                 gq, gk, gv = _BWD(go2, q2, part.k2, part.v2, o2, l2, 0.0, False, attn_mask=part.bias, scale=ctx.scaling)
                 dq[:, :, :, c0:c1] += _unfold_q(gq, (b, u, p, c1 - c0, bq, d))
-                dk.index_add_(0, part.rows, gk.reshape(-1, bk * d))
-                dv.index_add_(0, part.rows, gv.reshape(-1, bk * d))
+                part.add_grad(gk, dk, k.shape[2])
+                part.add_grad(gv, dv, k.shape[2])
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
             delta = (grad_out.float() * out.float()).sum(-1)  # (B, U, P, NQ, BQ)
