@@ -489,9 +489,59 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- lcplug data ------------------------------------------------------------------------------------
+
+
+def add_data(subparsers: Subparsers) -> None:
+    """`lcplug data preview`: what mixture a recipe's data pipeline really produces."""
+    p = subparsers.add_parser("data", help="training data: preview a recipe's realised mixture")
+    actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    preview = actions.add_parser(
+        "preview",
+        help="run a recipe's data pipeline and print the realised mixture with a length histogram (and a PNG)",
+        description=(
+            "Build the pipeline of RECIPE's data: section (sources, mixture, lengths, seed), draw batches until "
+            "--tokens tokens, and print tokens per source against the target weights, documents, skipped files, "
+            "padding and a document-length histogram per source; write the histogram as a PNG. See docs/data.md."
+        ),
+    )
+    preview.add_argument("recipe", metavar="RECIPE", type=Path, help="a YAML recipe with a data: section")
+    preview.add_argument(
+        "--tokens", type=_positive, default=1 << 20, help="tokens to draw, padding included (default: 1048576)"
+    )
+    preview.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory or 'bytes' (default: the recipe's)")
+    preview.add_argument(
+        "--png", type=Path, metavar="PATH", help="where to write the histogram (default: ./<recipe>-lengths.png)"
+    )
+    preview.add_argument("--json", action="store_true", help="print the report as JSON")
+    preview.set_defaults(handler=run_data_preview)
+
+
+def run_data_preview(args: argparse.Namespace) -> int:
+    """Preview the mixture; a missing matplotlib only skips the PNG, with a warning."""
+    from .data import PackedLoader
+    from .data.preview import format_preview, preview, write_histogram
+    from .eval.report import PlotError
+
+    report = preview(PackedLoader(args.recipe, tokenizer=args.tokenizer), args.tokens)
+    print(json.dumps(report, indent=2) if args.json else format_preview(report))
+    png = args.png if args.png is not None else Path(f"{args.recipe.stem}-lengths.png")
+    try:
+        print(f"wrote {write_histogram(report, png)}", file=sys.stderr)
+    except PlotError as exc:
+        print(f"lcplug: warning: {exc}; no PNG written", file=sys.stderr)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_plugins, add_check, add_rope_search, add_eval)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    add_plugins,
+    add_check,
+    add_rope_search,
+    add_eval,
+    add_data,
+)
 """One `add_<name>` per subcommand; each builds its parser and sets `handler` (Namespace -> exit code)."""
 
 

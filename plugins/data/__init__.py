@@ -1,0 +1,1 @@
+"""Data sources, synthetic builders and mixtures (the policies the `lcplug.data` pipeline runs)."""
