@@ -19,7 +19,7 @@ ANSWER = ' "{value}"'
 
 @dataclass(frozen=True)
 class KVParams(DepthTaskParams):
-    pass
+    """Depth, length and count controls shared with the other needle-style builders; nothing of its own."""
 
 
 def _uuid(r: random.Random) -> str:

@@ -176,11 +176,15 @@ def check_params(kind: str, spec: str | Mapping[str, Any]) -> CheckResult:
         problems.append(f"the defaults (plus the spec's required {required}) do not validate: {exc}")
     try:
         cls.build({**pspec.params, UNKNOWN_PARAM: "1"})
-        problems.append(f"an unknown parameter {UNKNOWN_PARAM!r} was accepted; it must raise lcplug.ParamError")
     except ParamError:
-        pass
+        rejected = True
     except Exception as exc:
+        rejected = True
         problems.append(f"an unknown parameter raised {type(exc).__name__}, not lcplug.ParamError: {exc}")
+    else:
+        rejected = False
+    if not rejected:
+        problems.append(f"an unknown parameter {UNKNOWN_PARAM!r} was accepted; it must raise lcplug.ParamError")
     params = cls.build(pspec.params).params
     recorded = json.loads(json.dumps(params.to_dict()))
     if cls.build(recorded).params != params:
