@@ -28,7 +28,7 @@ from lcplug.attention.gated import (
     repatch_attention,
     trainable_gates,
 )
-from lcplug.errors import ParamError, UnsupportedModelError
+from lcplug.errors import ParamError
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.patching import PatchContext
@@ -195,22 +195,13 @@ def finalize(model: nn.Module, threshold: float | None = None) -> dict[str, Any]
     if not 0 <= threshold <= 1:
         raise ParamError(f"{plugin.qualname()}: parameter 'threshold' got {threshold!r}; valid: 0 <= threshold <= 1")
     gates = {idx: layer.gate.detach().float().tolist() for idx, layer in gated_layers(model).items()}
-    attention = {
-        "name": plugin.name,
-        **plugin.params.to_dict(),
-        "mode": "final",
-        "threshold": threshold,
-        "heads": {str(i): [int(a >= threshold) for a in g] for i, g in gates.items()},
-        "calibration": {str(i): g for i, g in gates.items()},
-    }
-    return repatch_attention(model, attention)
+    heads = {str(i): [int(a >= threshold) for a in g] for i, g in gates.items()}
+    calibration = {str(i): g for i, g in gates.items()}
+    return repatch_attention(model, plugin, mode="final", threshold=threshold, heads=heads, calibration=calibration)
 
 
 def _training(model: nn.Module) -> DuoAttention:
-    plugin = attention_plugin(model, DuoAttention)
-    if plugin.params.mode != "train":
-        raise UnsupportedModelError(f"model runs duo in mode {plugin.params.mode!r}; this needs mode 'train'")
-    return plugin
+    return attention_plugin(model, DuoAttention, mode="train")
 
 
 @hookimpl

@@ -28,7 +28,7 @@ from lcplug.attention.gated import (
     trainable_gates,
 )
 from lcplug.attention.pattern import Interval
-from lcplug.errors import ParamError, UnsupportedModelError
+from lcplug.errors import ParamError
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 from lcplug.patching import PatchContext
@@ -189,22 +189,14 @@ def finalize(model: nn.Module, fraction: float | None = None) -> dict[str, Any]:
     alphas = {idx: float(layer.gate.detach().float().item()) for idx, layer in gated_layers(model).items()}
     count = max(1, math.floor(fraction * len(alphas) + 0.5))
     sparse = sorted(sorted(alphas, key=lambda i: (alphas[i], i))[:count])
-    attention = {
-        "name": plugin.name,
-        **plugin.params.to_dict(),
-        "mode": "sparse",
-        "sparse_fraction": fraction,
-        "sparse_layers": sparse,
-        "calibration": {str(i): a for i, a in alphas.items()},
-    }
-    return repatch_attention(model, attention)
+    calibration = {str(i): a for i, a in alphas.items()}
+    return repatch_attention(
+        model, plugin, mode="sparse", sparse_fraction=fraction, sparse_layers=sparse, calibration=calibration
+    )
 
 
 def _calibrating(model: nn.Module) -> LozaAttention:
-    plugin = attention_plugin(model, LozaAttention)
-    if plugin.params.mode != "calibrate":
-        raise UnsupportedModelError(f"model runs loza in mode {plugin.params.mode!r}; this needs mode 'calibrate'")
-    return plugin
+    return attention_plugin(model, LozaAttention, mode="calibrate")
 
 
 @hookimpl

@@ -91,8 +91,9 @@ class GatedAttention(LayerAttention):
         return f"{kind} gate of size {self.gate.numel()}, native={self.native_impl}"
 
 
-def attention_plugin(model: nn.Module, plugin_cls: type[P]) -> P:
-    """The attention plugin `model` is patched with, which must be a `plugin_cls` (else a clear error)."""
+def attention_plugin(model: nn.Module, plugin_cls: type[P], mode: str | None = None) -> P:
+    """The attention plugin `model` is patched with, which must be a `plugin_cls` running in `mode` if one is
+    given (else a clear error)."""
     from ..patching import patch_state
 
     state = patch_state(model)
@@ -106,6 +107,10 @@ def attention_plugin(model: nn.Module, plugin_cls: type[P]) -> P:
             found = f"runs attention plugin {plugin.name!r}"
         raise UnsupportedModelError(
             f"expected a model patched with attention plugin {plugin_cls.name!r}; this model {found}"
+        )
+    if mode is not None and plugin.params.mode != mode:
+        raise UnsupportedModelError(
+            f"model runs {plugin.name} in mode {plugin.params.mode!r}; this needs mode {mode!r}"
         )
     return plugin
 
@@ -150,12 +155,14 @@ def trainable_gates(model: nn.Module, *, freeze_rest: bool = False) -> list[nn.P
     return gates
 
 
-def repatch_attention(model: nn.Module, attention: dict[str, Any]) -> dict[str, Any]:
-    """Re-patch `model` with a new attention spec, keeping every other kind and the layer selection.
+def repatch_attention(model: nn.Module, plugin: Any, **overrides: Any) -> dict[str, Any]:
+    """Re-patch `model` with `plugin`'s params changed by `overrides`, keeping every other kind and the
+    layer selection.
 
     Returns the whole new spec. The old patch is undone first (its gates disappear with it), so read
     whatever the new spec needs from the model before calling this.
     """
+    attention = {"name": plugin.name, **plugin.params.to_dict(), **overrides}
     from ..patching import patch, patch_state
 
     state = patch_state(model)
