@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcplug.testing import tiny_model
+from lcplug.testing import padded_batch, tiny_model
 
 # Tiny models gain nothing from intra-op threads and lose a lot when the two cores are shared.
 torch.set_num_threads(1)
@@ -14,12 +14,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def batch():
     """Two rows of 20 tokens; row 0 is left-padded by 5."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 128, (2, 20), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    ids[0, :5] = 0
-    return ids, mask
+    return padded_batch(20, seed=1)
 
 
 @pytest.fixture

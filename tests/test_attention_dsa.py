@@ -22,7 +22,7 @@ from lcplug.plugins.attention.dsa import (
     indexer_parameters,
     set_stage,
 )
-from lcplug.testing import tiny_model
+from lcplug.testing import logits, padded_batch, tiny_model
 
 TOL = 1e-5
 SMALL = {"topk": 8, "block_size": 4, "heads": 2, "dim": 8}
@@ -35,17 +35,7 @@ def dsa(**params):
 @pytest.fixture
 def rows():
     """Two rows of 40 tokens; row 0 is left-padded by 5."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 128, (2, 40), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    ids[0, :5] = 0
-    return ids, mask
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits
+    return padded_batch(40, seed=3)
 
 
 def layer0(model) -> DSAAttention:

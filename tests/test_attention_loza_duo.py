@@ -15,7 +15,7 @@ from lcplug.attention import NativeAttention, PatternAttention
 from lcplug.attention.gated import GatedAttention, gated_layers
 from lcplug.errors import ParamError, UnsupportedModelError
 from lcplug.plugins.attention import duo, loza
-from lcplug.testing import tiny_model
+from lcplug.testing import logits, padded_batch, tiny_model
 
 FAMILIES = ["llama", "qwen3", "gemma3_text", "phi3"]
 TOL = 1e-5
@@ -27,17 +27,7 @@ DUO = {"name": "duo", "mode": "final", "sink": 4, "recent": 8, "block_size": 4, 
 @pytest.fixture
 def long_batch():
     """Two rows of 40 tokens; row 0 is left-padded by 5."""
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 128, (2, 40), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    ids[0, :5] = 0
-    return ids, mask
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits
+    return padded_batch(40, seed=2)
 
 
 def max_diff(a, b, mask):

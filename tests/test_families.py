@@ -11,15 +11,10 @@ import pytest
 import torch
 
 import lcplug
-from lcplug.testing import FAMILIES, tiny_model
+from lcplug.testing import FAMILIES, logits, tiny_model
 
 ALL = list(FAMILIES)
 TOL = 2e-5
-
-
-def logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits
 
 
 @pytest.mark.parametrize("family", ALL)

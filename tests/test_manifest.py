@@ -10,13 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import lcplug
 from lcplug.errors import ManifestError
-from lcplug.testing import tiny_model
-
-
-def logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits
-
+from lcplug.testing import logits, tiny_model
 
 SPEC = {"attention": "sliding-window:window=5,sinks=1,learnable_sink=true", "rope": "yarn:factor=4", "layers": "0,2"}
 

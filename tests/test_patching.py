@@ -12,12 +12,7 @@ import lcplug
 from lcplug.attention import NativeAttention
 from lcplug.errors import ParamError, SpecError, UnknownPluginError, UnsupportedModelError
 from lcplug.hookspecs import hookimpl
-from lcplug.testing import tiny_model
-
-
-def logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits
+from lcplug.testing import logits, tiny_model
 
 
 def snapshot(model):

@@ -23,7 +23,15 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 import lcplug
 from lcplug.errors import ConflictError, ParamError, UnknownPluginError, UnsupportedModelError
 from lcplug.patching import choose_adapter
-from lcplug.testing import FAMILIES, check_manifest_round_trip, check_params, check_plugin, check_round_trip, tiny_model
+from lcplug.testing import (
+    FAMILIES,
+    check_manifest_round_trip,
+    check_params,
+    check_plugin,
+    check_round_trip,
+    logits,
+    tiny_model,
+)
 from lcplug.testing.models import NATIVE_ATTENTION
 
 LONG, SHORT = 300, 100
@@ -41,11 +49,6 @@ def one_thread():
 
 def tokens(length, batch=1, seed=0):
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, **kwargs).logits
 
 
 def slots(params):
@@ -259,11 +262,11 @@ def test_selfextend_decode_equals_prefill_and_padding_is_invisible(family):
     padded[1] = torch.cat([ids[1], torch.full((7,), 5)])  # row 1 unpadded: its own tokens, then 7 more
     mask = torch.ones_like(padded)
     mask[0, :7] = 0
-    got = logits(model, padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    got = logits(model, padded, mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     torch.testing.assert_close(got[0, 7:], full[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1, :90], full[1], rtol=0, atol=1e-5)
     # without ids the model counts the pads as positions: SelfExtend follows the positions RoPE used
-    got = logits(model, padded, attention_mask=mask)
+    got = logits(model, padded, mask)
     shifted = logits(model, ids[:1], position_ids=torch.arange(7, 97)[None])
     torch.testing.assert_close(got[0, 7:], shifted[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1, :90], full[1], rtol=0, atol=1e-5)

@@ -23,7 +23,7 @@ from .conformance import (
     dense_reference_logits,
     sample_batch,
 )
-from .models import FAMILIES, tiny_config, tiny_model
+from .models import FAMILIES, logits, padded_batch, tiny_config, tiny_model
 
 __all__ = [
     "CHECKS",
@@ -40,6 +40,8 @@ __all__ = [
     "check_reference_parity",
     "check_round_trip",
     "dense_reference_logits",
+    "logits",
+    "padded_batch",
     "sample_batch",
     "tiny_config",
     "tiny_model",

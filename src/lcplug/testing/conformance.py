@@ -41,7 +41,7 @@ from ..errors import ParamError
 from ..patching import patch, patch_state, unpatch
 from ..registry import get_registry
 from ..spec import parse_plugin_spec
-from .models import tiny_model
+from .models import logits, padded_batch, tiny_model
 
 if TYPE_CHECKING:
     from ..attention.pattern import Pattern
@@ -53,7 +53,7 @@ CHECKS = ("params", "round_trip", "manifest", "reference")
 """Every check, in the order `check_plugin` runs them (cheapest first)."""
 
 UNKNOWN_PARAM = "lcplug_conformance_no_such_param"
-BATCH, LENGTH, PADDING = 2, 80, 5
+LENGTH, PADDING = 80, 5
 """Longer than one 64-token block, so block executors run several query and key blocks and a partial one."""
 PARITY_ATOL = 1e-5
 """fp32 dense reference vs an executor or backend that sums in another order (seen: < 5e-7 on these logits)."""
@@ -201,12 +201,12 @@ def check_round_trip(
 
     model = tiny_model(family, seed=seed)
     ids, mask = sample_batch(model, seed)
-    before_logits, before_tensors, before_config = _logits(model, ids, mask), _tensors(model), _config(model)
+    before_logits, before_tensors, before_config = logits(model, ids, mask), _tensors(model), _config(model)
     patch(model, **{kind: spec}, layers=layers)
     state = patch_state(model)
     _require(state is not None, "lcplug.patch recorded no patch state on the model")
     installed = _tensors(model)
-    patched = _logits(model, ids, mask)
+    patched = logits(model, ids, mask)
     # transformers' own length-dependent rope types (dynamic, longrope) swap `inv_freq` during a forward
     written = [n for n in _changed_tensors(installed, _tensors(model)) if not _rope_swaps_it(model, n)]
     _require(not written, f"a forward pass of the patched model wrote to the model's weights/buffers: {written[:5]}")
@@ -217,7 +217,7 @@ def check_round_trip(
             patch_state(model) is state and {n: m for n, m in model.named_modules() if n} == modules,
             f"patching again with {again} re-applied the patch; the same spec must be a no-op",
         )
-        _require(torch.equal(_logits(model, ids, mask), patched), f"logits changed after patching again with {again}")
+        _require(torch.equal(logits(model, ids, mask), patched), f"logits changed after patching again with {again}")
     unpatch(model)
     left = [name for name, _ in model.named_modules() if name.endswith(SUBMODULE) or ".lcplug_" in name]
     _require(not left, f"unpatch left modules behind: {left[:3]}")
@@ -226,7 +226,7 @@ def check_round_trip(
     after_config = _config(model)
     diff = sorted(k for k in before_config.keys() | after_config.keys() if before_config.get(k) != after_config.get(k))
     _require(not diff, f"unpatch did not restore the config: {diff}")
-    after = _logits(model, ids, mask)
+    after = logits(model, ids, mask)
     _require(
         torch.equal(after, before_logits),
         f"logits after unpatch differ from before patching (max abs diff {_maxdiff(after, before_logits):.3g})",
@@ -249,7 +249,7 @@ def check_manifest_round_trip(
     native_impl = model.config._attn_implementation
     ids, mask = sample_batch(model, seed)
     patch(model, **{kind: spec}, layers=layers)
-    patched, manifest = _logits(model, ids, mask), patch_state(model).manifest
+    patched, manifest = logits(model, ids, mask), patch_state(model).manifest
     with _directory(workdir, f"{kind}-{parse_plugin_spec(kind, spec).name}-{family}-") as directory:
         save_pretrained(model, directory)
         reloaded = from_pretrained(directory, attn_implementation=native_impl)
@@ -264,7 +264,7 @@ def check_manifest_round_trip(
         reloaded_manifest["plugins"] == manifest["plugins"],
         f"reloaded manifest plugins {reloaded_manifest['plugins']} differ from the saved {manifest['plugins']}",
     )
-    _require_close(_logits(reloaded, ids, mask), patched, mask, atol, "reloaded logits differ from the patched model")
+    _require_close(logits(reloaded, ids, mask), patched, mask, atol, "reloaded logits differ from the patched model")
     return CheckResult("manifest", "pass", f"same spec and logits after save/reload (atol {atol:g})")
 
 
@@ -292,7 +292,7 @@ def _attention_parity(spec: Any, family: str, seed: int, layers: Any, atol: floa
     patch(model, attention=spec, layers=layers)
     for mode in MODES:
         model.train(mode == "train")
-        patched = _logits(model, ids, mask)
+        patched = logits(model, ids, mask)
         try:
             reference = dense_reference_logits(model, ids, mask)
         except NoPatternError as exc:
@@ -350,7 +350,7 @@ def _executor_parity(spec: Any, family: str, seed: int, layers: Any, atol: float
     models = [patch(tiny_model(family, seed=seed), attention=s, layers=layers) for s in (spec, reference_spec)]
     ids, mask = sample_batch(models[0], seed)
     for mode in MODES:
-        chosen, reference = (_logits(m.train(mode == "train"), ids, mask) for m in models)
+        chosen, reference = (logits(m.train(mode == "train"), ids, mask) for m in models)
         _require_close(chosen, reference, mask, atol, f'{mode} mode: logits differ from executor="reference"')
     return CheckResult("reference", "pass", f'{reason}; matches executor="reference" in both modes (atol {atol:g})')
 
@@ -396,8 +396,8 @@ def _rope_parity(spec: Any, family: str, seed: int, layers: Any, atol: float) ->
     weights = {k: v for k, v in model.state_dict().items() if PLUGIN_PARAM_MARKER not in k}
     plain.load_state_dict(weights, strict=True)
     _require_close(
-        _logits(model, ids, mask),
-        _logits(plain, ids, mask),
+        logits(model, ids, mask),
+        logits(plain, ids, mask),
         mask,
         atol,
         "patched logits differ from transformers' own model built from the patched config",
@@ -469,7 +469,7 @@ def dense_reference_logits(
             raise NoPatternError(f"layer {idx}'s {type(layer).__name__} exposes no lcplug.attention.Pattern `pattern`")
         references[idx] = DenseReferenceAttention(pattern, positions, getattr(layer, "sink_logit", None))
     with _swapped(modules, SUBMODULE, references):
-        return _logits(model, input_ids, attention_mask)
+        return logits(model, input_ids, attention_mask)
 
 
 def _layer_patterns(model: nn.Module) -> list[Pattern]:
@@ -499,12 +499,8 @@ def _swapped(modules: dict[int, nn.Module], name: str, replacements: dict[int, n
 
 def sample_batch(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (2, 80) and their attention mask; row 1 is left-padded by 5, so padding is always covered."""
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(3, vocab, (BATCH, LENGTH), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[1, :PADDING] = 0
-    ids[1, :PADDING] = model.config.get_text_config().pad_token_id or 0
-    return ids, mask
+    config = model.config.get_text_config()
+    return padded_batch(LENGTH, seed, vocab=config.vocab_size, pad=PADDING, pad_row=1, pad_id=config.pad_token_id or 0)
 
 
 def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -513,11 +509,6 @@ def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
         return slots
     first = attention_mask.bool().float().argmax(-1)
     return slots - first[:, None].long()
-
-
-def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -74,3 +74,21 @@ def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str | 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval()
+
+
+def padded_batch(
+    length: int, seed: int, *, vocab: int = 128, pad: int = 5, pad_row: int = 0, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of `length` seeded token ids (>= 3, so no special tokens) and their attention mask; row
+    `pad_row` is left-padded by `pad` tokens of `pad_id`, so every check also covers left padding."""
+    ids = torch.randint(3, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[pad_row, :pad] = 0
+    ids[pad_row, :pad] = pad_id
+    return ids, mask
+
+
+def logits(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    """The model's logits without autograd (the comparison every parity check makes)."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
