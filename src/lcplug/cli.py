@@ -115,15 +115,23 @@ def _spec_value(value: Any) -> str:
 # ---- lcplug check ----------------------------------------------------------------------------------
 
 
-def _seq_len(value: str) -> int:
-    """argparse type of `--seq-len`: long enough that the padded row keeps real tokens."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 4, got {value!r}") from None
-    if n < 4:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 4, got {n}")
-    return n
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type of an integer >= `minimum`, with a one-line error naming the bad value."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {n}")
+        return n
+
+    return parse
+
+
+_seq_len = _at_least(4)  # `--seq-len`: long enough that the padded probe row keeps real tokens
+_positive = _at_least(1)
 
 
 def add_check(subparsers: Subparsers) -> None:
@@ -312,17 +320,6 @@ def format_check(report: dict[str, Any]) -> str:
 
 
 # ---- lcplug rope-search ----------------------------------------------------------------------------
-
-
-def _positive(value: str) -> int:
-    """argparse type of counts that must be >= 1."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
-    return n
 
 
 def add_rope_search(subparsers: Subparsers) -> None:
