@@ -22,7 +22,7 @@ from lcplug.plugins.attention.dsa import (
     indexer_parameters,
     set_stage,
 )
-from lcplug.testing import logits, padded_batch, tiny_model
+from lcplug.testing import decode_prefill_gap, logits, padded_batch, tiny_model
 
 TOL = 1e-5
 SMALL = {"topk": 8, "block_size": 4, "heads": 2, "dim": 8}
@@ -229,23 +229,9 @@ def test_decode_equals_prefill(family, select, rows):
     ids, mask = ids[:, :24], mask[:, :24]
     model = tiny_model(family)
     lcplug.patch(model, attention=dsa(select=select))
-    new = 12
-    with torch.no_grad():
-        gen = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
-        # generate counts positions from each row's first real token; the indexer reads post-RoPE states
-        # through linear maps, so (unlike the attention itself) it sees absolute positions: use the same ones
-        positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
-        prefill = model(gen.sequences, attention_mask=full_mask, position_ids=positions).logits
-    step_logits = torch.stack(gen.logits, dim=1)
-    assert (step_logits - prefill[:, ids.shape[1] - 1 : -1]).abs().max() < 2e-5
+    # the indexer reads post-RoPE states through linear maps, so (unlike the attention itself) it sees
+    # absolute positions: the prefill gets the ones generate uses
+    assert decode_prefill_gap(model, ids, mask, 12, generate_positions=True) < 2e-5
 
 
 def test_save_and_reload_restores_the_indexer(rows, tmp_path):

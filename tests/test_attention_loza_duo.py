@@ -15,7 +15,7 @@ from lcplug.attention import NativeAttention, PatternAttention
 from lcplug.attention.gated import GatedAttention, gated_layers
 from lcplug.errors import ParamError, UnsupportedModelError
 from lcplug.plugins.attention import duo, loza
-from lcplug.testing import logits, padded_batch, tiny_model
+from lcplug.testing import decode_prefill_gap, logits, padded_batch, tiny_model
 
 FAMILIES = ["llama", "qwen3", "gemma3_text", "phi3"]
 TOL = 1e-5
@@ -293,21 +293,7 @@ def test_round_trip(attention, long_batch, tmp_path):
 def test_decode_equals_prefill(family, attention, long_batch):
     ids, mask = long_batch
     model = lcplug.patch(tiny_model(family), attention=attention)
-    new = 8
-    with torch.no_grad():
-        gen = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
-        prefill = model(gen.sequences, attention_mask=full_mask).logits
-    steps = torch.stack(gen.logits, dim=1)
-    assert (steps - prefill[:, ids.shape[1] - 1 : -1]).abs().max() < 2e-5
+    assert decode_prefill_gap(model, ids, mask, 8) < 2e-5
 
 
 # ---- (g) bad params ----------------------------------------------------------------------------------------

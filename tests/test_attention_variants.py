@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lcplug
-from lcplug.testing import FAMILIES, tiny_model
+from lcplug.testing import FAMILIES, decode_prefill_gap, tiny_model
 
 TOL = 1e-5
 VARIANTS = {
@@ -55,18 +55,7 @@ def test_torch_executor_equals_reference_on_family(family, variant, batch):
 def test_decode_equals_prefill(family, variant, batch):
     ids, mask = batch
     model = lcplug.patch(tiny_model(family), attention=VARIANTS[variant])
-    with torch.no_grad():
-        gen = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=6,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        full_mask = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], dim=1)
-        prefill = run(model, gen.sequences, full_mask)
-    assert (torch.stack(gen.logits, 1) - prefill[:, ids.shape[1] - 1 : -1]).abs().max() < 2e-5
+    assert decode_prefill_gap(model, ids, mask, 6) < 2e-5
 
 
 def test_s2_is_full_attention_at_inference(batch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lcplug
-from lcplug.testing import FAMILIES, logits, tiny_model
+from lcplug.testing import FAMILIES, decode_prefill_gap, logits, tiny_model
 
 ALL = list(FAMILIES)
 TOL = 2e-5
@@ -85,19 +85,7 @@ def test_sliding_window_decode_equals_prefill(family, batch):
     ids, mask = batch
     model = tiny_model(family)
     lcplug.patch(model, attention="sliding-window:window=5,sinks=2")
-    with torch.no_grad():
-        gen = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=6,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        full_mask = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], dim=1)
-        prefill = model(gen.sequences, attention_mask=full_mask).logits
-    step_logits = torch.stack(gen.logits, dim=1)  # (B, 6, V)
-    assert (step_logits - prefill[:, ids.shape[1] - 1 : -1]).abs().max() < TOL
+    assert decode_prefill_gap(model, ids, mask, 6) < TOL
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])

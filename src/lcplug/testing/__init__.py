@@ -23,7 +23,7 @@ from .conformance import (
     dense_reference_logits,
     sample_batch,
 )
-from .models import FAMILIES, logits, padded_batch, tiny_config, tiny_model
+from .models import FAMILIES, decode_prefill_gap, logits, padded_batch, tiny_config, tiny_model
 
 __all__ = [
     "CHECKS",
@@ -39,6 +39,7 @@ __all__ = [
     "check_plugin",
     "check_reference_parity",
     "check_round_trip",
+    "decode_prefill_gap",
     "dense_reference_logits",
     "logits",
     "padded_batch",

@@ -92,3 +92,31 @@ def logits(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None, **kw
     """The model's logits without autograd (the comparison every parity check makes)."""
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+def decode_prefill_gap(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int = 6, *, generate_positions: bool = False
+) -> float:
+    """Max |logit| gap between greedy `generate` (one token at a time through the cache) and one prefill
+    forward of the generated sequence: a patched model must compute the same function both ways.
+
+    `generate_positions` passes the prefill the position ids `generate` uses (counted from each row's first
+    real token), for plugins that see absolute positions.
+    """
+    with torch.no_grad():
+        gen = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        full_mask = torch.cat([mask, torch.ones(mask.shape[0], new_tokens, dtype=mask.dtype)], dim=1)
+        kwargs = {}
+        if generate_positions:
+            kwargs["position_ids"] = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
+        prefill = logits(model, gen.sequences, full_mask, **kwargs)
+    steps = torch.stack(gen.logits, dim=1)
+    return float((steps - prefill[:, ids.shape[1] - 1 : -1]).abs().max())
