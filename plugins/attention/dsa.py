@@ -14,6 +14,7 @@ A retrofit trains in two stages (DeepSeek-V3.2, arXiv:2512.02556), driven by thi
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -325,6 +326,27 @@ class DSA(AttentionPlugin):
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         for module in adapter.attention_modules(model).values():
             attention_shape(module, adapter)
+
+    def trainable_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return {"indexer": indexer_parameters(model)}
+
+    def aux_losses(self) -> dict[str, Callable[[nn.Module], torch.Tensor]]:
+        return {"indexer_kl": indexer_loss}
+
+    def prepare_training(self, model: nn.Module, losses: set[str]) -> None:
+        enable_indexer_loss(model, "indexer_kl" in losses)
+
+    def restage(self, model: nn.Module, spec: dict[str, Any]) -> bool:
+        """A change of `stage` alone keeps the trained indexers (`set_stage`); anything else re-patches."""
+        if spec.get("name") != self.name:
+            return False
+        params = {k: v for k, v in spec.items() if k != "name"}
+        new = self.Params.from_dict(params, owner=self.qualname()).to_dict()
+        old = self.params.to_dict()
+        if {k: v for k, v in new.items() if k != "stage"} != {k: v for k, v in old.items() if k != "stage"}:
+            return False
+        set_stage(model, new["stage"])
+        return True
 
     def layer_attention(
         self, layer_idx: int, attn_module: nn.Module, adapter: Adapter, *, native_fn: Any, native_impl: str

@@ -12,6 +12,7 @@ Two stages, two modes of one plugin:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -139,6 +140,15 @@ class DuoAttention(AttentionPlugin):
                     f"selected layer ({ctx.layers})"
                 )
         super().install(ctx)
+
+    def trainable_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return {"gates": gate_parameters(model)} if self.params.mode == "train" else {}
+
+    def aux_losses(self) -> dict[str, Callable[[nn.Module], torch.Tensor]]:
+        return {"duo_l1": l1_loss} if self.params.mode == "train" else {}
+
+    def finalize(self, model: nn.Module) -> dict[str, Any] | None:
+        return finalize(model) if self.params.mode == "train" else None
 
     def layer_attention(
         self, layer_idx: int, attn_module: nn.Module, adapter: Adapter, *, native_fn: Any, native_impl: str

@@ -145,6 +145,12 @@ class LozaAttention(AttentionPlugin):
                 )
         super().install(ctx)
 
+    def trainable_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return {"gates": calibration_parameters(model)} if self.params.mode == "calibrate" else {}
+
+    def finalize(self, model: nn.Module) -> dict[str, Any] | None:
+        return finalize(model) if self.params.mode == "calibrate" else None
+
     def layer_attention(
         self, layer_idx: int, attn_module: nn.Module, adapter: Adapter, *, native_fn: Any, native_impl: str
     ) -> GatedAttention | PatternAttention | NativeAttention:

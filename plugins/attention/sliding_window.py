@@ -47,6 +47,9 @@ class SlidingWindowAttention(AttentionPlugin):
     name = "sliding-window"
     Params = SlidingWindowParams
 
+    def trainable_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return {"sinks": sink_parameters(model)} if self.params.learnable_sink else {}
+
     def layer_attention(
         self, layer_idx: int, attn_module: nn.Module, adapter: Adapter, *, native_fn: Any, native_impl: str
     ) -> PatternAttention:
@@ -62,6 +65,11 @@ class SlidingWindowAttention(AttentionPlugin):
             sink_init=p.sink_init,
             executor=p.executor,
         )
+
+
+def sink_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable per-head sink logits of a model patched with `sliding-window:learnable_sink=true`, by layer."""
+    return [m.sink_logit for m in model.modules() if isinstance(m, PatternAttention) and m.sink_logit is not None]
 
 
 @hookimpl

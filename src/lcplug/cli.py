@@ -530,6 +530,86 @@ def run_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- lcplug train -----------------------------------------------------------------------------------
+
+
+def _resume(value: str) -> str:
+    """argparse type of `--resume`: 'auto' or an existing checkpoint directory."""
+    if value != "auto" and not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a checkpoint directory, got {value!r}")
+    return value
+
+
+def add_train(subparsers: Subparsers) -> None:
+    """`lcplug train`: run a retrofit recipe (also under `accelerate launch -m lcplug train ...`)."""
+    p = subparsers.add_parser(
+        "train",
+        help="run a retrofit recipe: patch a base model, train its stages, save it with its manifest",
+        description=(
+            "Validate RECIPE fully (schema, plugins, the model's config, each stage rehearsed on a meta-device "
+            "copy, the data) before any compute, then load the base model, patch it and train the stages under "
+            "Accelerate, writing metrics.jsonl, TensorBoard logs, resumable checkpoints and final/ (reload with "
+            "lcplug.from_pretrained) into output.dir. Several processes: accelerate launch -m lcplug train RECIPE. "
+            "See docs/train.md."
+        ),
+    )
+    p.add_argument("recipe", metavar="RECIPE", type=Path, help="a YAML retrofit recipe")
+    p.add_argument(
+        "--resume",
+        type=_resume,
+        metavar="auto|PATH",
+        help="continue from the newest complete checkpoint in output.dir (auto) or from PATH",
+    )
+    p.add_argument("--max-steps", type=_positive, metavar="N", help="stop after N steps in all, with a checkpoint")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train; rank 0 prints the summary's headline to stderr, where the progress bars go too."""
+    from accelerate import PartialState
+
+    from .train import train
+
+    summary = train(args.recipe, resume=args.resume, max_steps=args.max_steps)
+    if PartialState().is_main_process:
+        done = summary["final"] or f"stopped early, resume with --resume auto; output in {summary['output']}"
+        print(f"lcplug train: {summary['steps']} steps, {summary['tokens']} tokens; {done}", file=sys.stderr)
+    return 0
+
+
+# ---- lcplug plan ------------------------------------------------------------------------------------
+
+
+def add_plan(subparsers: Subparsers) -> None:
+    """`lcplug plan`: what a recipe's run takes, stage by stage, before any weight or GPU."""
+    p = subparsers.add_parser(
+        "plan",
+        help="build a recipe's run on the meta device: patch, stages, trainable parameters, memory per device",
+        description=(
+            "Build RECIPE's model on the meta device (no weights; base.config or a local base.model gives the "
+            "config), apply its patch and walk its stages as a run would: the patch each stage trains with, the "
+            "trainable parameters by group, steps and tokens, the lr schedule, the attention each layer runs, and "
+            "the memory per device (weights, gradients, AdamW states, gathered FSDP weights, activations, "
+            "attention, logits), with a warning where a stage exceeds an 80 GiB device. See docs/recipes.md."
+        ),
+    )
+    p.add_argument("recipe", metavar="RECIPE", type=Path, help="a YAML recipe")
+    p.add_argument(
+        "--world-size", type=_positive, help="devices of the run (default: the recipe's cp.degree, the fewest it needs)"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan; a stage over the device's memory is a warning in it, not a failure."""
+    from .train.plan import plan
+
+    result = plan(args.recipe, world_size=args.world_size)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
@@ -538,6 +618,8 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_rope_search,
     add_eval,
     add_data,
+    add_train,
+    add_plan,
 )
 """One `add_<name>` per subcommand; each builds its parser and sets `handler` (Namespace -> exit code)."""
 

@@ -8,9 +8,11 @@ distribution and version that registered it) when it loads the class.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 from .params import Params
@@ -82,6 +84,33 @@ class Plugin:
     def manifest_state(self) -> dict[str, Any]:
         """Extra JSON state recorded in the manifest (e.g. calibration results)."""
         return {}
+
+    # ---- training interface: what `lcplug.train` asks of the plugins a model is patched with ----------
+    # Every default is "nothing", so a plugin that adds no trainable state needs none of these.
+
+    def trainable_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Named groups of the parameters this plugin added to `model` that a stage may train alone
+        (`train: gates`, `train: indexer`, `train: sinks`)."""
+        return {}
+
+    def aux_losses(self) -> dict[str, Callable[[nn.Module], torch.Tensor]]:
+        """Auxiliary losses by the name a recipe's `losses:` uses; each reads the last forward's state off
+        the model (e.g. `{"indexer_kl": indexer_loss}`)."""
+        return {}
+
+    def prepare_training(self, model: nn.Module, losses: set[str]) -> None:
+        """Get `model` ready for a stage that optimises `losses` (names), e.g. switch on a loss its
+        layers only compute when asked."""
+
+    def finalize(self, model: nn.Module) -> dict[str, Any] | None:
+        """End a calibration stage: turn what was learnt into a fixed patch, re-patch `model` with it and
+        return the new spec (None: nothing to finalize)."""
+        return None
+
+    def restage(self, model: nn.Module, spec: dict[str, Any]) -> bool:
+        """Apply a stage's new spec for this plugin's kind (`{"name": ..., **params}`) in place, keeping
+        trained state; False (the default) lets the caller re-patch with `lcplug.patch`."""
+        return False
 
 
 class AttentionPlugin(Plugin):
