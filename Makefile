@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo quickstart clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: setup
+	$(BIN)/python examples/demo/retrofit.py
+
+quickstart: setup
 	$(BIN)/python examples/quickstart.py
 
 clean:

@@ -73,6 +73,16 @@ class HybridAttention(AttentionPlugin):
     def manifest_state(self) -> dict[str, Any]:
         return {"full_layers": sorted(self.full_layer_set(self._num_layers))}
 
+    # training: the sparse layers are the inner variant's, so are their parameter groups and losses
+    def trainable_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return self.inner.trainable_groups(model)
+
+    def aux_losses(self) -> dict[str, Any]:
+        return self.inner.aux_losses()
+
+    def prepare_training(self, model: nn.Module, losses: set[str]) -> None:
+        self.inner.prepare_training(model, losses)
+
 
 @hookimpl
 def lcplug_register(register):

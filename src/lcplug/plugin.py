@@ -170,9 +170,22 @@ class CPPlugin(Plugin):
 
 
 class KVPlugin(Plugin):
-    """Base of KV-cache tiers (a `transformers.Cache` used by `generate`)."""
+    """Base of KV-cache tiers: `make_cache` builds the `transformers.Cache` a patched model's `generate` uses.
+
+    Installing sets the instance's `generate` to one that calls `make_cache` whenever the caller passes no
+    cache, and closes that cache if `generate` raises (see `lcplug.kv.install`).
+    """
 
     kind = "kv"
+
+    def make_cache(self, model: nn.Module) -> Any:
+        """A fresh cache for one `generate` call on `model` (a `transformers.Cache`; `close()` if it holds files)."""
+        raise NotImplementedError  # abstract: each kv plugin defines it
+
+    def install(self, ctx: PatchContext) -> None:
+        from .kv.install import install_kv
+
+        install_kv(ctx)
 
 
 class DataPlugin(Plugin):

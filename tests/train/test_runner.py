@@ -38,11 +38,21 @@ def test_run_writes_metrics_checkpoints_eval_and_a_final_model_that_reloads(reci
     assert [r["tokens"] for r in rows] == [128, 256, 384, 512, 768, 1024, 1280]  # grad_accum 2 doubles a step
     assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "loss/lm", "grad_norm", "tokens_per_s"))
     evals = [r for r in read_metrics(out) if "eval/ppl@64" in r]
-    assert [(r["step"], r["stage"]) for r in evals] == [(0, "before"), (3, "all"), (6, "sinks"), (7, "after")]
+    assert [(r["step"], r["stage"]) for r in evals] == [
+        (0, "base"),
+        (0, "before"),
+        (3, "all"),
+        (6, "sinks"),
+        (7, "after"),
+    ]
 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][1]["seq_len"] == 64
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["ppl.png", "results.json", "table.txt"]
+    card = (out / "final" / "README.md").read_text()
+    assert "lcplug-attention-sliding-window" in card and "![perplexity by length and position](ppl.png)" in card
+    assert (out / "final" / "ppl.png").is_file()
     saved = json.loads((out / "train_summary.json").read_text())
     assert saved["status"] == "complete" and saved["steps"] == 7 and saved == json.loads(json.dumps(summary))
     assert [s["train"] for s in saved["stages"]] == ["all", "sinks"]
@@ -73,7 +83,10 @@ def test_max_steps_stops_with_a_checkpoint_and_the_cli_resumes(recipe, read_metr
     assert main(["train", str(path), "--resume", "auto"]) == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert [(r["step"], r["stage"]) for r in rows if "eval/ppl@64" in r] == [(0, "before"), (4, "after")]
+    assert [(r["step"], r["stage"]) for r in rows if "eval/ppl@64" in r] == [
+        (0, "base"),
+        (4, "after"),
+    ]  # no patch: no "before"
     assert (out / "final" / "config.json").is_file()
 
 

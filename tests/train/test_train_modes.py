@@ -120,3 +120,12 @@ def test_duo_gates_train_on_lm_plus_l1_and_finalize_into_heads(recipe, read_metr
     assert first["loss"] == pytest.approx(first["loss/lm"] + first["loss/duo_l1"])
     spec = json.loads((tmp_path / "out" / "final" / "config.json").read_text())["lcplug"]["spec"]["attention"]
     assert spec["mode"] == "final" and set(spec["heads"]) == set(spec["calibration"]) == {"0", "1", "2"}
+
+
+def test_hybrid_offers_its_sparse_variants_groups_and_losses():
+    model = tiny_model("llama", num_hidden_layers=4)
+    lcplug.patch(model, attention={"name": "hybrid", "sparse": "dsa:block_size=16,topk=32", "ratio": "3:1"})
+    plugin = lcplug.patch_state(model).plugins["attention"]
+    indexer = plugin.trainable_groups(model)["indexer"]
+    assert indexer and all(p.requires_grad for p in indexer)
+    assert set(plugin.aux_losses()) == {"indexer_kl"}

@@ -122,6 +122,7 @@ def _unfold_q(x: torch.Tensor, shape) -> torch.Tensor:
 def block_attention(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, step: int, sink=None):
     """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); blocks (B, U, NQ, K) and bias (B, U, NQ, BQ, K*BK)
     from the layout; sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
+    q, k, v = _autocast(q, k, v)
     units = blocks.shape[1]
     band = layout.band() if layout.groups == 1 else None
     if band is not None:
@@ -131,6 +132,17 @@ def block_attention(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, 
     else:
         used = (layout.kv_blocks >= 0).sum(-1).amax(dim=(0, 1)).tolist()
     return _Fused.apply(q, k, v, sink, (blocks, bias, used, band), scaling, step)
+
+
+def _autocast(q, k, v):
+    """q, k, v in one dtype, as SDPA gets them: autocast's (e.g. bf16) when it is on, else q's.
+
+    The fused kernels take one dtype for q, k, v and the mask, but a custom autograd Function is not cast by
+    autocast, and under it the rotary embedding can hand back q and k in different dtypes.
+    """
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _expand_units(x: torch.Tensor, units: int) -> torch.Tensor:
@@ -149,7 +161,8 @@ class _Fused(torch.autograd.Function):
             shape = (b, u, p, c1 - c0, bq, d)
             acc, acc_lse = None, None
             for part in _parts(k, v, plan, c0, c1, p):
-                o, part_lse = _FWD(q2, part.k2, part.v2, attn_mask=part.bias, scale=scaling)
+                bias = None if part.bias is None else part.bias.to(q.dtype)
+                o, part_lse = _FWD(q2, part.k2, part.v2, attn_mask=bias, scale=scaling)
                 o, part_lse = _unfold_q(o, shape), _unfold_q(part_lse.float(), shape)
                 if acc is None:
                     acc, acc_lse = o.float(), part_lse
@@ -183,7 +196,8 @@ class _Fused(torch.autograd.Function):
             q2, go2, o2 = (_fold_q(t, c0, c1) for t in (q, grad_out, out))
             l2 = total[:, :, :, c0:c1].permute(0, 1, 3, 2, 4).reshape(b * u, c1 - c0, p * bq)
             for part in _parts(k, v, ctx.plan, c0, c1, p):
-                gq, gk, gv = _BWD(go2, q2, part.k2, part.v2, o2, l2, 0.0, False, attn_mask=part.bias, scale=ctx.scaling)
+                bias = None if part.bias is None else part.bias.to(q.dtype)
+                gq, gk, gv = _BWD(go2, q2, part.k2, part.v2, o2, l2, 0.0, False, attn_mask=bias, scale=ctx.scaling)
                 dq[:, :, :, c0:c1] += _unfold_q(gq, (b, u, p, c1 - c0, bq, d))
                 part.add_grad(gk, dk, k.shape[2])
                 part.add_grad(gv, dv, k.shape[2])

@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..card import write_model_card
 from ..checkpoint import save_pretrained
 from ..data.base import DataError
 from ..data.packing import model_inputs
@@ -100,6 +101,7 @@ class Run:
         self.data_state: dict[str, Any] | None = None
         self.stage_rows: list[dict[str, Any]] = []
         self.eval_results: dict[str, dict[str, float]] = {}
+        self.eval_reports: list[dict[str, Any]] = []  # whole probe results, for the before/after report
 
     # ---- the run ------------------------------------------------------------------------------------
 
@@ -116,12 +118,6 @@ class Run:
 
         set_seed(recipe.seed)
         self.trainee = Trainee(self.load_model(config))
-        if self.checkpoint is not None:
-            self.restore_model(self.checkpoint)
-        elif spec:
-            apply_spec(self.trainee.model, spec, "patch")
-        if recipe.gradient_checkpointing:
-            self.trainee.model.activation_checkpointing_enable({"use_reentrant": False})
         if self.main:
             clean_partial(checkpoint_root(self.out))
             self.out.mkdir(parents=True, exist_ok=True)
@@ -131,13 +127,22 @@ class Run:
         self.probes = self.build_probes()
         self.evaluator = self.build_evaluator()
         try:
-            if self.checkpoint is None:
-                self.evaluate("before")
+            if self.checkpoint is not None:
+                self.restore_model(self.checkpoint)
+            else:
+                # "base": the checkpoint as it came; "before": patched, not yet trained (training-free effect)
+                self.evaluate("base")
+                if spec:
+                    apply_spec(self.trainee.model, spec, "patch")
+                    self.evaluate("before")
+            if recipe.gradient_checkpointing:
+                self.trainee.model.activation_checkpointing_enable({"use_reentrant": False})
             first = 0 if self.checkpoint is None else int(self.checkpoint.meta["stage"])
             for index in range(first, len(recipe.stages)):
                 if not self.run_stage(index):
                     return self.finish(started, complete=False)
             self.evaluate("after")
+            self.write_eval_report()
             self.save_final()
             return self.finish(started, complete=True)
         finally:
@@ -336,12 +341,23 @@ class Run:
             return
         from ..eval import evaluate, metrics
 
-        result = evaluate(self.trainee.model, self.probes, tokenizer=self.tokenizer, haystack=self.haystack)
+        result = evaluate(self.trainee.model, self.probes, tokenizer=self.tokenizer, haystack=self.haystack, label=when)
         self.eval_results[when] = metrics(result)
+        self.eval_reports.append(result)
         self.metrics.log(self.eval_results[when], self.step, stage=when)
 
+    def write_eval_report(self) -> None:
+        """`eval/`: the before/after results side by side (results.json, table.txt, heatmap and perplexity PNGs)."""
+        if not self.eval_reports or not self.main:
+            return
+        from ..eval import format_table, write_report
+
+        write_report(self.eval_reports, self.out / "eval")
+        (self.out / "eval" / "table.txt").write_text(format_table(self.eval_reports) + "\n")
+
     def save_final(self) -> None:
-        """`final/` with the manifest (LoRA merged or removed, as output.lora says) and `adapter/` if kept."""
+        """`final/`, Hub-ready (weights, config with the manifest, model card; LoRA merged or removed, as
+        output.lora says), and `adapter/` if kept."""
         trainee, mode = self.trainee, self.recipe.output.lora
         if trainee.peft is not None:
             if mode in ("adapter", "both") and self.main:
@@ -352,6 +368,16 @@ class Run:
             save_pretrained(trainee.model, self.out / "final")
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.out / "final")
+            state = patch_state(trainee.model)
+            write_model_card(
+                self.out / "final",
+                None if state is None else state.manifest,
+                title=self.recipe.name,
+                base_model=self.recipe.base.model,
+                recipe=self.recipe.to_dict(),
+                eval_results=self.eval_reports,
+                eval_dir=self.out / "eval",
+            )
         self.accelerator.wait_for_everyone()
 
     def write_recipe(self) -> None:

@@ -1,0 +1,1 @@
+"""First-party KV tier plugins: `device`, `host`, `disk`."""
