@@ -80,6 +80,11 @@ def test_max_steps_stops_with_a_checkpoint_and_the_cli_resumes(recipe, read_metr
     assert main(["train", str(other), "--resume", "auto"]) == 2
     assert "is in stage 'main', which is not stages[0] of this recipe" in capsys.readouterr().err
 
+    assert main(["train", str(path)]) == 2  # a fresh run would mix with the stopped one's checkpoints
+    assert "holds checkpoints of an earlier run (newest: step-00000002); continue it with --resume auto" in (
+        capsys.readouterr().err
+    )
+
     assert main(["train", str(path), "--resume", "auto"]) == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
@@ -114,3 +119,10 @@ def test_resume_after_a_finalized_stage_repeats_the_losses(recipe, read_metrics,
     assert train(stopped, max_steps=3)["status"] == "stopped"  # one step into the LoRA stage, gates finalized
     assert train(stopped, resume="auto")["status"] == "complete"
     assert [r["loss"] for r in read_metrics(tmp_path / "b")] == [r["loss"] for r in read_metrics(tmp_path / "a")]
+
+
+def test_a_fresh_run_into_the_same_directory_starts_a_fresh_log(recipe, read_metrics, tmp_path):
+    raw = recipe()
+    for _ in range(2):
+        train(Recipe.from_dict(raw))
+        assert [r["step"] for r in read_metrics(tmp_path / "out") if "loss" in r] == [1, 2, 3]

@@ -1,7 +1,8 @@
 """Training metrics to `metrics.jsonl` (one JSON object per line) and TensorBoard, from rank 0 only.
 
 A resumed run first drops what the interrupted run logged after its checkpoint (JSON lines past the
-step; TensorBoard through `purge_step`), so the logs read as one uninterrupted run.
+step; TensorBoard through `purge_step`), so the logs read as one uninterrupted run; a fresh run into the
+same directory drops an earlier run's rows.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ class MetricsLog:
         if not enabled:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        if self.jsonl is not None and resume_step is not None and self.jsonl.is_file():
+        if self.jsonl is not None and self.jsonl.is_file():
             rows = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in rows if resume_step is not None and json.loads(line)["step"] <= resume_step]
             self.jsonl.write_text("".join(line + "\n" for line in kept))
         if "tensorboard" in log:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = None if resume_step is None else resume_step + 1
+            purge = 0 if resume_step is None else resume_step + 1  # a fresh run drops an earlier run's events
             self.writer = SummaryWriter(str(directory / TENSORBOARD), purge_step=purge)
 
     def log(self, values: Mapping[str, float], step: int, **labels: Any) -> None:

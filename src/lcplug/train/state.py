@@ -77,6 +77,12 @@ def complete_checkpoints(root: Path) -> list[Checkpoint]:
 def find_resume(resume: str | None, output_dir: str | os.PathLike) -> Checkpoint | None:
     """`auto`: the newest complete checkpoint of the run, if any; a path: that checkpoint; None: start fresh."""
     if resume is None:
+        stale = complete_checkpoints(checkpoint_root(output_dir))
+        if stale:
+            raise RecipeError(
+                f"output.dir {str(output_dir)!r} holds checkpoints of an earlier run (newest: {stale[-1].path.name}); "
+                "continue it with --resume auto, or give another output.dir"
+            )
         return None
     if resume == "auto":
         found = complete_checkpoints(checkpoint_root(output_dir))
