@@ -98,3 +98,14 @@ def test_context_parallelism_needs_its_plugin_when_a_run_starts():
     assert context_parallel(CPConfig(degree=1, strategy="ring")) == {}
     with pytest.raises(RecipeError, match=r"cp\.strategy 'ring': no cp plugin installed by that name"):
         context_parallel(CPConfig(degree=2, strategy="ring"))
+
+
+def test_sharded_weight_launches_are_refused_not_saved_wrong():
+    from accelerate.utils import DistributedType
+
+    from lcplug.train.runner import check_sharding
+
+    check_sharding(DistributedType.MULTI_GPU)
+    check_sharding(DistributedType.NO)
+    with pytest.raises(RecipeError, match=r"launch: .*FSDP shards the weights"):
+        check_sharding(DistributedType.FSDP)

@@ -86,6 +86,7 @@ class Run:
         self.accelerator = Accelerator(
             mixed_precision=MIXED_PRECISION[recipe.precision], cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp]
         )
+        check_sharding(self.accelerator.distributed_type)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.main = self.accelerator.is_main_process
         try:
@@ -403,6 +404,17 @@ class Run:
         if self.main:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
+
+
+def check_sharding(distributed_type: Any) -> None:
+    """Refuse sharded-weight launches (FSDP, DeepSpeed): checkpoints and the final save gather unsharded
+    parameters on rank 0, which would write a shard as if it were the model."""
+    if str(distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise RecipeError(
+            f"launch: {distributed_type} shards the weights, and lcplug's runner saves unsharded checkpoints only "
+            "(sharded saving is not built yet); launch with data parallelism (DDP), e.g. accelerate launch "
+            "--multi_gpu, or plan the run with `lcplug plan`"
+        )
 
 
 def check_resumable(checkpoint: Checkpoint, recipe: Recipe, world: int) -> None:
