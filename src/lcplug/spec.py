@@ -8,7 +8,6 @@ normal form; `Manifest` is what `config.lcplug` records so that a saved checkpoi
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -139,16 +138,9 @@ class PatchSpec:
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"spec file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+    from .yamlfile import read_yaml
 
-        data = yaml.safe_load(text)
+    data = read_yaml(path, what="spec file", error=SpecError)
     if not isinstance(data, Mapping):
         raise SpecError(f"spec file {str(path)!r} must hold a mapping of kind -> plugin spec")
     return dict(data.get("patch", data))

@@ -96,15 +96,10 @@ class DataConfig:
     @classmethod
     def from_recipe(cls, path: str | Path) -> DataConfig:
         """From the `data:` section of a YAML recipe (or a YAML file that is the section itself)."""
-        import yaml
+        from ..yamlfile import read_yaml
 
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"recipe {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise DataError(f"recipe {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raw = read_yaml(path, what="recipe", error=DataError)
         if not isinstance(raw, Mapping) or not isinstance(raw.get("data", raw), Mapping):
             raise DataError(f"recipe {str(path)!r} has no 'data:' mapping")
         return cls.from_dict(raw.get("data", raw))

@@ -202,15 +202,10 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
         """Read and validate a recipe file; its `name` defaults to the file's stem."""
-        import yaml
+        from ..yamlfile import read_yaml
 
         path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raw = read_yaml(path, what="recipe", error=RecipeError)
         if not isinstance(raw, Mapping):
             raise RecipeError(f"recipe {str(path)!r} must be a mapping of sections (base, stages, data, ...)")
         return cls.from_dict({"name": path.stem, **raw})
