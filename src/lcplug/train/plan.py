@@ -27,7 +27,7 @@ from ..patching import patch_state
 from ..plugin import Plugin
 from ..spec import parse_plugin_spec
 from . import memory
-from .preflight import DTYPES, load_config
+from .preflight import load_config, skeleton
 from .recipe import Recipe, StageConfig
 from .stages import apply_spec, configure, current_spec, enter, finalize
 from .trainables import Trainee, plugin_groups
@@ -128,7 +128,7 @@ def plan(recipe: Recipe | str | Path, *, world_size: int | None = None, device: 
         )
     config = _config(recipe)
     with torch.device(device):
-        model = _build(config, recipe.base.dtype)
+        model = skeleton(config, recipe.base.dtype)
         dims = memory.Dims.of(model)
         base_parameters = _count(model.parameters())
         apply_spec(model, recipe.patch, "patch")
@@ -173,12 +173,6 @@ def _config(recipe: Recipe) -> Any:
             "base.config: the model's config.json (recipes/configs/ holds some)"
         )
     return load_config(recipe)
-
-
-def _build(config: Any, dtype: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
 
 
 def _walk(recipe: Recipe, model: nn.Module, dims: memory.Dims, world: int) -> list[PlannedStage]:

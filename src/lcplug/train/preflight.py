@@ -76,20 +76,29 @@ def load_tokenizer(recipe: Recipe, config: Any) -> Any:
         raise RecipeError(f"tokenizer: cannot load one from {source!r}: {str(exc).splitlines()[0]}{hint}") from None
 
 
-def rehearse(recipe: Recipe, config: Any, spec: dict[str, Any]) -> None:
-    """Run the stage set-up on a meta-device model: every error it would raise, raised now."""
+def skeleton(config: Any, dtype: str) -> torch.nn.Module:
+    """The base architecture from its config, no checkpoint weights read; build it under `torch.device("meta")`
+    for shapes without storage. The config is copied, as patching writes to the model's config."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):  # a copy of the config: patching writes to the model's config
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=DTYPES[recipe.base.dtype])
-    apply_spec(model, spec, "patch")
-    trainee = Trainee(model)
-    for i, stage in enumerate(recipe.stages):
-        where = f"stages[{i}]"
-        enter(model, stage, where)
-        configure(trainee, stage, where)
-        if stage.finalize:
-            break
+    return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=DTYPES[dtype])
+
+
+def rehearse(recipe: Recipe, config: Any, spec: dict[str, Any]) -> None:
+    """Run the stage set-up on a meta-device model: every error it would raise, raised now.
+
+    Patching runs under the meta device too, so parameters plugins add (DSA indexers, gates) cost nothing.
+    """
+    with torch.device("meta"):
+        model = skeleton(config, recipe.base.dtype)
+        apply_spec(model, spec, "patch")
+        trainee = Trainee(model)
+        for i, stage in enumerate(recipe.stages):
+            where = f"stages[{i}]"
+            enter(model, stage, where)
+            configure(trainee, stage, where)
+            if stage.finalize:
+                break
 
 
 def stage_loader(recipe: Recipe, index: int, tokenizer: Any, dp_rank: int, dp_world: int) -> PackedLoader:
