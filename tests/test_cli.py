@@ -117,7 +117,9 @@ def test_plugins_kind_filter(capsys):
     assert "yarn" in out and "sliding-window" not in out
 
 
-def test_plugins_kind_without_plugins(capsys):
+def test_plugins_kind_without_plugins(capsys, monkeypatch):
+    registry = get_registry()
+    monkeypatch.setattr(registry, "_classes", {key: cls for key, cls in registry._classes.items() if key[0] != "cp"})
     code, out, _ = run(capsys, "plugins", "--kind", "cp")
     assert code == 0
     assert out.strip() == "no cp plugins installed"

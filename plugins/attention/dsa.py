@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from lcplug.attention import LazyMask, check_block_size
 from lcplug.attention.block_torch import CHUNK_ELEMENTS
 from lcplug.attention.blocks import BlockLayout, layout_from_blocks
+from lcplug.attention.compact import CompactKV, LayerAccess, compact_layout, compact_of, expand
 from lcplug.attention.executors import EXECUTORS, RUNNERS, choose
 from lcplug.attention.indexer import (
     INIT_SEED,
@@ -158,16 +159,27 @@ class DSAAttention(LayerAttention):
     def forward(self, module: nn.Module, query, key, value, mask, *, scaling: float | None = None, dropout=0.0, **kw):
         self.loss = None
         sparse = self.stage == "sparse"
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        executor = choose(self.executor, query.device, needs_grad)
+        lazy = isinstance(mask, LazyMask)
+        compact = compact_of(key, mask.kv_length if lazy else None)
+        if compact is not None and not (sparse and lazy and executor != "reference" and not self.compute_loss):
+            key, value = self._whole(key, value, compact)  # dense, reference and loss paths read every key
+            compact = None
         if not sparse and not self.compute_loss:
             return self.run_native(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kw)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         call = self._call(module, query, key, mask, scale, kw)
-        blocks, keep, self.loss = self._select(query, key, call, select=sparse)
+        index_keys = compact.index_keys if compact is not None else None
+        blocks, keep, self.loss = self._select(query, key, call, select=sparse, index_keys=index_keys)
         if not sparse:  # warm-up: the model's own attention, bit for bit
             return self.run_native(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kw)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        executor = choose(self.executor, query.device, needs_grad)
-        if executor == "reference" or not isinstance(mask, LazyMask) or (dropout and module.training):
+        if compact is not None:  # read only the selected blocks from the cache
+            layout = self._layout(call, blocks, keep)
+            key, value = compact.fetch(layout.kv_blocks[layout.kv_blocks >= 0].unique().tolist())
+            layout = compact_layout(layout, compact_of(key, None))
+            return RUNNERS[executor](query, key, value, layout, scale, softcap=kw.get("softcap")), None
+        if executor == "reference" or not lazy or (dropout and module.training):
             chosen = BlockLayout(call.block_q, call.block_k, call.lq, call.lkv, blocks[:, None], keep[:, None])
             allowed = dense_allowed(mask, query, key, module) & chosen.to_dense()
             return reference_attention(
@@ -197,8 +209,21 @@ class DSAAttention(LayerAttention):
             token_keep=keep[:, None],
         )
 
+    def kv_access(self) -> LayerAccess:
+        """A cache keeps this layer's indexer keys and hands it only the blocks it selects (sparse stage)."""
+        return LayerAccess(index=self.indexer.keys, block_size=self.block_size, compact=True)
+
+    @staticmethod
+    def _whole(key: torch.Tensor, value: torch.Tensor, compact: CompactKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block of compact K/V, as full-length tensors."""
+        if compact.fetch is not None:
+            key, value = compact.fetch(list(range(-(-compact.length // compact.block_size))))
+            compact = compact_of(key, None)
+        return expand(key, value, compact)
+
     def _call(self, module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, kw: dict) -> _Call:
-        b, lq, lkv = query.shape[0], query.shape[2], key.shape[2]
+        b, lq = query.shape[0], query.shape[2]
+        lkv = mask.kv_length if isinstance(mask, LazyMask) else key.shape[2]
         if isinstance(mask, LazyMask):
             q_pos, kv_pos = pattern_positions(mask, kw.get("position_ids"), query.device)
             own_offset = mask.q_offset - mask.kv_offset
@@ -209,16 +234,18 @@ class DSAAttention(LayerAttention):
         block_q = max(1, min(self.block_size, lq))  # decode: one query per block, as the core's layouts do
         return _Call(mask, b, lq, lkv, own_offset, q_pos, kv_pos, block_q, self.block_size, scaling, kw.get("softcap"))
 
-    def _select(self, query, key, call: _Call, *, select: bool, want_loss: bool | None = None):
+    def _select(self, query, key, call: _Call, *, select: bool, want_loss: bool | None = None, index_keys=None):
         """Selection as (kv_blocks (B, NQ, K), keep (B, NQ, K, BQ, BK)) when `select`, and the indexer loss.
 
         Chunked over query blocks so no (Lq, Lkv) tensor exists beyond one chunk; under autograd each chunk
-        is recomputed in backward, so the indexer loss keeps O(N) activations, not O(N^2).
+        is recomputed in backward, so the indexer loss keeps O(N) activations, not O(N^2). `index_keys`: the
+        indexer keys of every key, kept by a KV cache (then `key` holds only some blocks and is not read).
         """
         want_loss = self.compute_loss if want_loss is None else want_loss
         track = want_loss and torch.is_grad_enabled()
         with torch.set_grad_enabled(track):
-            q_i, k_i, w = self.indexer(query.detach(), key.detach())
+            q_i, w = self.indexer.queries(query.detach())
+            k_i = index_keys if index_keys is not None else self.indexer.keys(key.detach())
         per_row = call.batch * call.lkv * (self.indexer.heads + (query.shape[1] if want_loss else 0) + 8)
         rows = max(call.block_q, CHUNK_ELEMENTS // per_row // call.block_q * call.block_q)
         parts, loss_sum, count = [], None, 0

@@ -5,6 +5,7 @@ lcplug.patch(model, attention="sliding-window:window=4096,sinks=4", rope="yarn:f
 lcplug.save_pretrained(model, "out/")          # config.json carries the manifest
 model = lcplug.from_pretrained("out/")          # reloads patched
 lcplug.unpatch(model)                           # bit-identical to before
+lcplug.publish("out/", "me/model-32k")          # to the Hub, with a model card; from_pretrained reloads it
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .hookspecs import hookimpl
+from .hub import HubError, publish
 from .params import Params, param
 from .patching import patch, patch_state, unpatch
 from .plugin import Adapter, AttentionPlugin, CPPlugin, DataPlugin, KVPlugin, RopePlugin
@@ -52,6 +54,7 @@ __all__ = [
     "ConflictError",
     "DataPlugin",
     "DuplicatePluginError",
+    "HubError",
     "KVPlugin",
     "LcplugError",
     "ManifestError",
@@ -69,6 +72,7 @@ __all__ = [
     "manifest_of",
     "param",
     "patch",
+    "publish",
     "save_pretrained",
     "unpatch",
 ]

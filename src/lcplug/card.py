@@ -1,8 +1,9 @@
 """The model card (README.md) of a retrofitted checkpoint: what it is, how it was made, how to load it.
 
-A checkpoint saved by a training run is Hub-ready: weights, config with the manifest, and this card
-(metadata for the Hub, the plugin stack with parameters, the recipe and data mixture, the evaluation
-table and plots, how to load it). Plugins add sections through the `lcplug_model_card_sections` hook.
+One writer serves the training runner (which writes the card into its `final/`) and `lcplug publish`
+(which renders it from the checkpoint, the run's recipe and evaluation, and uploads it): metadata for
+the Hub, the plugin stack with parameters, how to load it, the recipe and data mixture, the evaluation
+table and plots. Plugins add sections through the `lcplug_model_card_sections` hook.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ def metadata(manifest: Mapping[str, Any] | None, *, base_model: str | None, lice
     for kind, spec in (manifest or {}).get("spec", {}).items():
         if isinstance(spec, Mapping) and "name" in spec:
             tags.append(f"lcplug-{kind}-{spec['name']}")
-    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
+    meta: dict[str, Any] = {"library_name": "lcplug", "pipeline_tag": "text-generation", "tags": tags}
     if base_model:
         meta["base_model"] = base_model
     if license:
@@ -42,8 +44,19 @@ def plugin_stack(manifest: Mapping[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(
-    directory: str | Path,
+@dataclass(frozen=True)
+class ModelCard:
+    """A rendered card: the README.md text and the images it shows (file name beside the card -> local file).
+
+    Rendering is separate from writing so `lcplug publish` can upload a card without touching the
+    checkpoint directory, and the training runner can write the same card into its `final/`.
+    """
+
+    text: str
+    images: dict[str, Path] = field(default_factory=dict)
+
+
+def render_model_card(
     manifest: Mapping[str, Any] | None,
     *,
     title: str,
@@ -52,12 +65,21 @@ def write_model_card(
     recipe: Mapping[str, Any] | None = None,
     eval_results: Sequence[dict[str, Any]] = (),
     eval_dir: str | Path | None = None,
-) -> Path:
-    """Write `directory/README.md`; the PNGs of `eval_dir` are copied beside it so the card shows them."""
+    load_ref: str = "<this repo or directory>",
+    adapter: str | None = None,
+) -> ModelCard:
+    """The card of a checkpoint: metadata, plugin stack, how to load it, recipe and data mixture, evaluation.
+
+    Without `eval_results`, the evaluation comes from `eval_dir/results.json` when there is one (what
+    `lcplug eval --out` and the training runner write); the PNGs of `eval_dir` become the card's images.
+    `load_ref` is the repo id or directory the loading snippets name; `adapter` is where a PEFT adapter
+    sits beside the weights ("." for the top level), if any.
+    """
     from .eval import model_card_section
     from .registry import get_registry
 
-    out = Path(directory)
+    if not eval_results and eval_dir is not None and (Path(eval_dir) / "results.json").is_file():
+        eval_results = json.loads((Path(eval_dir) / "results.json").read_text())["models"]
     header = yaml.safe_dump(metadata(manifest, base_model=base_model, license=license), sort_keys=False)
     body = [f"---\n{header}---", f"# {title}", ""]
     body += [
@@ -69,31 +91,63 @@ def write_model_card(
         "## Plugin stack",
         "",
         plugin_stack(manifest),
-        "## How to load",
-        "",
-        "```python",
-        "import lcplug",
-        "",
-        'model = lcplug.from_pretrained("<this repo or directory>")  # reinstalls the patches above',
-        "```",
-        "",
+        *how_to_load(load_ref, adapter),
     ]
     if recipe is not None:
         body += ["## Recipe", "", "```yaml", yaml.safe_dump(dict(recipe), sort_keys=False).rstrip(), "```", ""]
         mixture = (recipe.get("data") or {}).get("mixture")
         if mixture is not None:
             body += ["Training data mixture: `" + json.dumps(mixture) + "`", ""]
+    images: dict[str, Path] = {}
     if eval_results:
         plots = {}
         if eval_dir is not None:
             for png in sorted(Path(eval_dir).glob("*.png")):
-                shutil.copy2(png, out / png.name)
-                key = png.stem.removeprefix("heatmap_")
-                plots[key] = png.name
+                images[png.name] = png
+                plots[png.stem.removeprefix("heatmap_")] = png.name
         body.append(model_card_section(list(eval_results), plots=plots))
     for sections in get_registry().pm.hook.lcplug_model_card_sections(manifest=dict(manifest or {})):
         for heading, text in sections:
             body += [f"## {heading}", "", text.rstrip(), ""]
+    return ModelCard("\n".join(body).rstrip() + "\n", images)
+
+
+def how_to_load(load_ref: str, adapter: str | None) -> list[str]:
+    """The "How to load" section: lcplug (patched), plain transformers (standard parts), and the adapter."""
+    lines = [
+        "## How to load",
+        "",
+        "```python",
+        "import lcplug",
+        "",
+        f'model = lcplug.from_pretrained("{load_ref}")  # reinstalls the patches above',
+        "```",
+        "",
+        "Plain transformers loads the weights and the standard RoPE parameters, with its own dense attention:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{load_ref}")',
+        "```",
+        "",
+    ]
+    if adapter is not None:
+        subfolder = "" if adapter in ("", ".") else f', subfolder="{adapter}"'
+        lines += [
+            f"The PEFT adapter of the run is in `{adapter}`; put it on the model loaded above with "
+            f'`peft.PeftModel.from_pretrained(model, "{load_ref}"{subfolder})`.',
+            "",
+        ]
+    return lines
+
+
+def write_model_card(directory: str | Path, manifest: Mapping[str, Any] | None, **card: Any) -> Path:
+    """Write `directory/README.md` (see `render_model_card` for the arguments), its images copied beside it."""
+    out = Path(directory)
+    rendered = render_model_card(manifest, **card)
+    for name, source in rendered.images.items():
+        shutil.copy2(source, out / name)
     path = out / "README.md"
-    path.write_text("\n".join(body).rstrip() + "\n")
+    path.write_text(rendered.text)
     return path

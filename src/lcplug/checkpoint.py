@@ -36,27 +36,43 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
     return Path(save_directory)
 
 
-def resolve_checkpoint(path_or_repo: str | os.PathLike, **hub_kwargs: Any) -> Path:
-    """A local directory, or a Hub repo id downloaded with huggingface_hub."""
+def resolve_checkpoint(
+    path_or_repo: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A local directory, or a Hub repo id downloaded with huggingface_hub (manifest checked first)."""
     path = Path(path_or_repo)
     if path.is_dir():
         return path
     if path.exists():
         raise ManifestError(f"{str(path)!r} is a file; expected a checkpoint directory or a Hub repo id")
-    from huggingface_hub import snapshot_download
+    from .hub import download
 
-    return Path(snapshot_download(str(path_or_repo), **hub_kwargs))
+    return download(str(path_or_repo), revision=revision, token=token, cache_dir=cache_dir)
 
 
-def from_pretrained(path_or_repo: str | os.PathLike, *, model_cls: Any = None, **kwargs: Any) -> nn.Module:
+def from_pretrained(
+    path_or_repo: str | os.PathLike,
+    *,
+    model_cls: Any = None,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Load a checkpoint with transformers and re-install the patches its manifest records.
 
-    A checkpoint without a manifest loads as a plain model. A missing plugin fails before any weight is
-    read, naming the distribution that provides it.
+    `path_or_repo` is a directory or a Hub repo id (downloaded at `revision` with `token`, huggingface_hub's
+    usual sources by default, into `cache_dir`); `kwargs` go to transformers' `from_pretrained`. A
+    checkpoint without a manifest loads as a plain model. A missing plugin, or a manifest from a newer
+    major lcplug, fails before any weight is read (for a repo, before the weights are downloaded).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    directory = resolve_checkpoint(path_or_repo)
+    directory = resolve_checkpoint(path_or_repo, revision=revision, token=token, cache_dir=cache_dir)
     config = AutoConfig.from_pretrained(directory)
     manifest = read_manifest(config)
     if manifest is not None:

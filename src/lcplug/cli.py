@@ -29,7 +29,7 @@ from .registry import get_registry, plugin_rows
 from .spec import PatchSpec
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-LISTED_KINDS = (*KINDS, "adapter")
+LISTED_KINDS = (*KINDS, "placement", "adapter")
 """Kinds `lcplug plugins` shows, in this order: the kinds a spec names, then model-family adapters."""
 
 
@@ -610,6 +610,63 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- lcplug publish ---------------------------------------------------------------------------------
+
+
+def add_publish(subparsers: Subparsers) -> None:
+    """`lcplug publish`: push a saved checkpoint (or a training run's final/) to the Hub with a model card."""
+    p = subparsers.add_parser(
+        "publish",
+        help="upload a checkpoint with its manifest, tokenizer and a model card to a Hub repo",
+        description=(
+            "Upload DIR (saved with lcplug.save_pretrained, or a training run's final/) to the Hub repo REPO_ID: "
+            "safetensors weights and/or a PEFT adapter, config.json with the manifest, generation config, tokenizer, "
+            "and a model card (plugin stack, recipe, data mixture, evaluation table and plots, how to load it). "
+            "The token comes from --token, HF_TOKEN or `hf auth login`. See docs/hub.md."
+        ),
+    )
+    p.add_argument("directory", metavar="DIR", type=Path, help="the checkpoint directory")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, 'owner/name' (created if missing)")
+    visibility = p.add_mutually_exclusive_group()
+    visibility.add_argument(
+        "--private", dest="private", action="store_true", default=True, help="create the repo private (default)"
+    )
+    visibility.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if missing (default: main)")
+    p.add_argument("--message", metavar="TEXT", help="commit message (default: names the plugin stack)")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    p.add_argument("--license", help="license id for the card metadata, e.g. apache-2.0")
+    p.add_argument("--base-model", metavar="REPO_ID", help="base model for the card (default: the run recipe's)")
+    p.add_argument("--recipe", type=Path, metavar="PATH", help="recipe for the card (default: a run's recipe.yaml)")
+    p.add_argument(
+        "--eval-dir", type=Path, metavar="DIR", help="results.json and plots for the card (default: a run's eval/)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="list the files with sizes and upload nothing")
+    p.set_defaults(handler=run_publish)
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    """Publish; the dry run's listing goes to stdout, the published repo's URL to stderr."""
+    from .hub import publish
+
+    result = publish(
+        args.directory,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.message,
+        token=args.token,
+        license=args.license,
+        base_model=args.base_model,
+        recipe=args.recipe,
+        eval_dir=args.eval_dir,
+        dry_run=args.dry_run,
+    )
+    if not result.dry_run:
+        print(f"published {len(result.files)} files to {result.commit_url} ({result.revision})", file=sys.stderr)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
@@ -620,6 +677,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_data,
     add_train,
     add_plan,
+    add_publish,
 )
 """One `add_<name>` per subcommand; each builds its parser and sets `handler` (Namespace -> exit code)."""
 

@@ -188,6 +188,22 @@ class KVPlugin(Plugin):
         install_kv(ctx)
 
 
+class PlacementPlugin(Plugin):
+    """Base of KV placement policies: which hot blocks a spilling layer sends to the lower tier first.
+
+    The mechanism (`lcplug.kv.placement.Placement`) keeps the pinned sink and recent blocks and the budget;
+    a policy only orders the other hot blocks for eviction. A spilling tier names one with its `placement`
+    parameter (`kv="disk:placement=lru"`); like adapters, policies are registered, not named in a spec.
+    """
+
+    kind = "placement"
+
+    def eviction_order(self, candidates: list[int], last_use: dict[int, int], reads: dict[int, int]) -> list[int]:
+        """`candidates` (hot, unpinned blocks) in the order they should leave: `last_use[b]` is the step block b
+        was last read, `reads[b]` how many steps read it while hot."""
+        raise NotImplementedError  # abstract: each placement policy defines it
+
+
 class DataPlugin(Plugin):
     """Base of data sources, builders and mixers feeding training."""
 
@@ -239,4 +255,5 @@ KIND_BASES: dict[str, type[Plugin]] = {
     "kv": KVPlugin,
     "data": DataPlugin,
     "adapter": Adapter,
+    "placement": PlacementPlugin,
 }

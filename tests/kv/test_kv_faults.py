@@ -3,6 +3,7 @@ the cache directory goes away however the cache ends."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import stat
@@ -52,6 +53,23 @@ def test_missing_block_raises(model, tmp_path):
         os.truncate(cache.directory / "layer001.kv", 100)
         with pytest.raises(KVCacheError, match=r"block 1 of .*layer001\.kv is missing"):
             _decode(model, cache)
+
+
+def test_disk_full_during_generate(model, tmp_path, monkeypatch):
+    """ENOSPC on a spill mid-generation: a KVCacheError naming the block and file, no tokens, no files left."""
+    real_pwrite, writes = os.pwrite, []
+
+    def disk_full_after_prefill(fd, data, offset):
+        writes.append(offset)
+        if len(writes) > 12:  # the prefill spills blocks 1 and 2 of each of the 3 layers (K and V each)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", disk_full_after_prefill)
+    lcplug.patch(model, kv=f"disk:hot_tokens=192,path={tmp_path}")
+    with pytest.raises(KVCacheError, match=r"cannot write block 3 to .*layer000\.kv: No space left on device"):
+        model.generate(PROMPT, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert len(writes) == 13 and list(tmp_path.iterdir()) == []
 
 
 def test_path_that_is_not_a_directory(model, tmp_path):

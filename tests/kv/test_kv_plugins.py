@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 import lcplug
 from lcplug.attention import SlidingWindowPattern
+from lcplug.errors import UnknownPluginError
 from lcplug.kv import TieredCache, blocks_needed
 from lcplug.plugins.attention.loza import StreamingBlocksPattern
 from lcplug.testing import tiny_model
@@ -22,11 +23,19 @@ def _generate(model, **kwargs):
 def test_plugins_are_listed():
     names = {row["name"] for row in lcplug.list_plugins("kv")}
     assert {"device", "host", "disk"} <= names
+    assert {"lru", "reads"} <= {row["name"] for row in lcplug.list_plugins("placement")}
+
+
+def test_unknown_placement_fails_at_patch_time():
+    model = tiny_model("llama")
+    with pytest.raises(UnknownPluginError, match=r"placement.*'lru'"):
+        lcplug.patch(model, kv="host:placement=mru")
+    assert lcplug.manifest_of(model) is None
 
 
 def test_manifest_round_trip(tmp_path):
     model = tiny_model("llama")
-    lcplug.patch(model, kv=f"disk:hot_tokens=256,block_size=32,path={tmp_path}")
+    lcplug.patch(model, kv=f"disk:hot_tokens=256,block_size=32,placement=reads,quantize=int8,path={tmp_path}")
     spec = lcplug.manifest_of(model)["spec"]["kv"]
     assert spec == {
         "name": "disk",
@@ -34,6 +43,8 @@ def test_manifest_round_trip(tmp_path):
         "hot_tokens": 256,
         "sink_blocks": 1,
         "recent_blocks": 1,
+        "placement": "reads",
+        "quantize": "int8",
         "path": str(tmp_path),
     }
     lcplug.save_pretrained(model, tmp_path / "ckpt")

@@ -48,13 +48,20 @@ class LightningIndexer(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indexer queries (B, Lq, heads, dim), keys (B, Lkv, dim) and head weights (B, Lq, heads)."""
+        q_i, w = self.queries(query)
+        return q_i, self.keys(key), w
+
+    def queries(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indexer queries (B, Lq, heads, dim) and head weights (B, Lq, heads) of query states (B, H, Lq, D)."""
         b, _, lq, _ = query.shape
         x_q = query.transpose(1, 2).reshape(b, lq, -1)
-        x_k = key.transpose(1, 2).reshape(b, key.shape[2], -1)
         q_i = F.linear(x_q, self.wq).view(b, lq, self.heads, self.dim)
-        k_i = self.k_norm(F.linear(x_k, self.wk))
-        w = F.linear(x_q, self.weights_proj) * self.scale
-        return q_i, k_i, w
+        return q_i, F.linear(x_q, self.weights_proj) * self.scale
+
+    def keys(self, key: torch.Tensor) -> torch.Tensor:
+        """Indexer keys (B, Lkv, dim) of key states (B, Hkv, Lkv, D): one per token, so a KV cache can keep them."""
+        x_k = key.transpose(1, 2).reshape(key.shape[0], key.shape[2], -1)
+        return self.k_norm(F.linear(x_k, self.wk))
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim={self.dim}"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .blocks import static_layout
+from .compact import LayerAccess, compact_layout, compact_of, expand
 from .executors import RUNNERS, choose
 from .mask import LazyMask
 from .pattern import Pattern
@@ -36,6 +37,10 @@ class LayerAttention(nn.Module):
 
     def run_native(self, module: nn.Module, query, key, value, mask, **kwargs: Any):
         return self.native_fn(module, query, key, value, self.native_mask(mask), **kwargs)
+
+    def kv_access(self) -> LayerAccess:
+        """How this layer reads its keys (what a KV cache may keep and hand it): here, every key, in full."""
+        return LayerAccess()
 
 
 class NativeAttention(LayerAttention):
@@ -94,7 +99,11 @@ class PatternAttention(LayerAttention):
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         executor = choose(self.executor, query.device, needs_grad)
-        if executor == "reference" or not isinstance(mask, LazyMask) or (dropout and module.training):
+        lazy = isinstance(mask, LazyMask)
+        compact = compact_of(key, mask.kv_length if lazy else None)
+        if executor == "reference" or not lazy or (dropout and module.training):
+            if compact is not None:
+                key, value = expand(key, value, compact)
             return self.reference(module, query, key, value, mask, scaling, dropout, kwargs)
         layout = static_layout(
             self.pattern,
@@ -104,10 +113,15 @@ class PatternAttention(LayerAttention):
             block_k=self.pattern.block_size,
             causal=getattr(module, "is_causal", True),
         )
+        if compact is not None:
+            layout = compact_layout(layout, compact)
         out = RUNNERS[executor](
             query, key, value, layout, scaling, sink_logit=self.sink_logit, softcap=kwargs.get("softcap")
         )
         return out, None
+
+    def kv_access(self) -> LayerAccess:
+        return LayerAccess(pattern=self.pattern, block_size=self.pattern.block_size, compact=True)
 
     def reference(self, module: nn.Module, query, key, value, mask, scaling: float, dropout: float, kwargs: dict):
         """The dense masked oracle: the model's own mask AND the pattern, O(N^2)."""

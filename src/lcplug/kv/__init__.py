@@ -9,16 +9,17 @@ from .cache import TIERS, TieredCache, layer_patterns
 from .errors import KVCacheError
 from .layer import TieredLayer
 from .needs import blocks_needed
-from .placement import RecencyLRU
+from .placement import Placement, placement_policy
 from .plugin import TieredKVPlugin
 
 __all__ = [
     "TIERS",
     "KVCacheError",
-    "RecencyLRU",
+    "Placement",
     "TieredCache",
     "TieredKVPlugin",
     "TieredLayer",
     "blocks_needed",
     "layer_patterns",
+    "placement_policy",
 ]

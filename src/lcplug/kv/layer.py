@@ -7,9 +7,14 @@ partial block is the open *tail* and always stays hot. A sealed block is in one 
 - dropped: gone for good, because the layer's attention pattern says no future query reads it (sliding
   window, streaming blocks). Such layers keep exactly their retention set hot and never spill.
 
-`update` returns the full-length K/V the model's mask expects (slot i = token i). A pattern layer fills
-only the blocks its queries need; the others are zeros that its pattern never lets a query attend to,
-so results are exact while lower tiers are read only for needed blocks.
+What `update` returns depends on how the layer's attention reads keys (`LayerAccess`):
+- a layer whose attention takes compact K/V (`lcplug.attention.compact`) gets only the blocks it reads:
+  a pattern layer the blocks its queries need; a content-selecting layer (DSA) the open tail plus a
+  `fetch` for the blocks it selects and the per-token `index_keys` it selects by, kept hot by this layer.
+  Lower tiers are read only for those blocks, and transient memory is theirs, not the sequence's;
+- any other layer gets the full-length K/V the model's mask expects (slot i = token i): all blocks for a
+  dense layer; for a pattern layer whose attention cannot take compact K/V, the blocks it needs with zeros
+  elsewhere, which its pattern never lets a query attend to.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..attention.compact import CompactKV, LayerAccess, tag
 from ..attention.pattern import Pattern
 from .errors import KVCacheError
 from .needs import FUTURE, blocks_needed
-from .placement import RecencyLRU
+from .placement import Placement
 from .store import KV, DiskStore, HostStore
 
 
@@ -36,16 +42,20 @@ class TieredLayer(CacheLayerMixin):
         self,
         layer_idx: int,
         block_size: int,
-        pattern: Pattern | None = None,
+        access: LayerAccess | None = None,
         store: HostStore | DiskStore | None = None,
-        placement: RecencyLRU | None = None,
+        placement: Placement | None = None,
     ):
         super().__init__()
-        self.layer_idx, self.block_size, self.pattern = layer_idx, block_size, pattern
+        self.layer_idx, self.block_size = layer_idx, block_size
+        self.access = access or LayerAccess()
+        self.pattern: Pattern | None = self.access.pattern
         self.store, self.placement = store, placement
         self.length = 0
         self.hot: dict[int, KV] = {}
-        self.last_use: dict[int, int] = {}
+        self.last_use: dict[int, int] = {}  # hot block -> the step that last read it
+        self.reads: dict[int, int] = {}  # block -> steps that read it (kept when it spills: policies may use it)
+        self.index_keys: torch.Tensor | None = None  # (B, capacity, d) selection keys of a content-selecting layer
         self.step = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -61,15 +71,22 @@ class TieredLayer(CacheLayerMixin):
         self.step += 1
         start = self.length
         self._append(key_states, value_states)
+        if self.access.index is not None:
+            self._append_index(key_states)
         positions = _position_ids(args, kwargs)
-        if self.pattern is None or positions is None:
+        if self.access.index is not None and self.access.compact:
+            keys, values = self.fetch([])  # the layer fetches what its selection needs
+        elif self.pattern is None or positions is None:
             keys, values = self._gather(range(self.sealed), dense=True)
         else:
             shift = (start + positions.shape[-1] - 1) - positions[:, -1].long()
             needed = blocks_needed(
                 self.pattern, positions.amin(-1), positions.amax(-1), shift, self.block_size, self.sealed
             )
-            keys, values = self._gather(needed, dense=len(needed) == self.sealed)
+            if self.access.compact:
+                keys, values = self.fetch(needed)
+            else:
+                keys, values = self._gather(needed, dense=len(needed) == self.sealed)
             self._retain(positions[:, -1] + 1, shift)
         self._place()
         return keys, values
@@ -86,6 +103,8 @@ class TieredLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.hot.clear()
         self.last_use.clear()
+        self.reads.clear()
+        self.index_keys = None
         if self.store is not None:
             self.store.clear()
         self.length = 0
@@ -118,7 +137,17 @@ class TieredLayer(CacheLayerMixin):
             "spilled": spilled,
             "dropped": self.sealed - len(self.hot) - spilled,
             "bytes_read": self.store.bytes_read if self.store is not None else 0,
+            "resident_bytes": self.resident_bytes(),
         }
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds on its device: hot blocks, the open tail and selection keys."""
+        tensors = [t for block in self.hot.values() for t in block]
+        if self.is_initialized:
+            tensors += list(self.tail)
+        if self.index_keys is not None:
+            tensors.append(self.index_keys[:, : self.length])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _stored(self, block: int) -> bool:
         return self.store is not None and block in self.store
@@ -137,9 +166,25 @@ class TieredLayer(CacheLayerMixin):
         self.tail = (k[..., full * bs :, :].clone(), v[..., full * bs :, :].clone())
         self.length += keys.shape[-2]
 
-    def _gather(self, blocks: range | list[int], *, dense: bool) -> KV:
-        """Full-length K/V with `blocks` and the tail filled; other slots zero (only when not `dense`)."""
-        blocks = list(blocks)
+    def fetch(self, blocks: list[int]) -> KV:
+        """Compact K/V (tagged `CompactKV`) of the sealed `blocks` (sorted) and the open tail, in that order.
+
+        Spilled blocks are read from the lower tier; a content-selecting layer promotes them to hot (its
+        selections repeat from step to step), the placement policy evicting its least recently used blocks.
+        """
+        sealed = [b for b in blocks if b < self.sealed]
+        promote = self.access.index is not None
+        parts = self._blocks(sealed, promote=promote)
+        if promote:
+            self._place()  # promoted blocks count against the budget at once; these are the most recent uses
+        listed = sealed + ([self.sealed] if self.tail[0].shape[-2] else [])
+        keys, values = (torch.cat([p[i] for p in parts] + [self.tail[i]], dim=-2) for i in (0, 1))
+        index = self.index_keys[:, : self.length] if self.index_keys is not None else None
+        info = CompactKV(listed, self.block_size, self.length, fetch=self.fetch, index_keys=index)
+        return tag(keys, info), values
+
+    def _blocks(self, blocks: list[int], *, promote: bool = False) -> list[KV]:
+        """The sealed `blocks`, hot or read from the lower tier; raises if one was dropped."""
         lost = [b for b in blocks if b not in self.hot and not self._stored(b)]
         if lost:
             raise KVCacheError(
@@ -148,10 +193,30 @@ class TieredLayer(CacheLayerMixin):
             )
         spilled = [b for b in blocks if b not in self.hot]
         fetched = self.store.get_many(spilled, self.device) if spilled else {}
+        if promote:
+            self.hot.update(fetched)
         for b in blocks:
+            self.reads[b] = self.reads.get(b, 0) + 1
             if b in self.hot:
                 self.last_use[b] = self.step
-        parts = [self.hot[b] if b in self.hot else fetched[b] for b in blocks]
+        return [self.hot[b] if b in self.hot else fetched[b] for b in blocks]
+
+    def _append_index(self, key_states: torch.Tensor) -> None:
+        """Add the new tokens' selection keys, growing the buffer geometrically (no O(N) copy per step)."""
+        with torch.no_grad():
+            new = self.access.index(key_states).detach()
+        used = self.length - new.shape[1]
+        if self.index_keys is None or self.index_keys.shape[1] < self.length:
+            grown = new.new_empty(new.shape[0], max(self.length, 2 * used, 64), new.shape[2])
+            if self.index_keys is not None:
+                grown[:, :used] = self.index_keys[:, :used]
+            self.index_keys = grown
+        self.index_keys[:, used : self.length] = new
+
+    def _gather(self, blocks: range | list[int], *, dense: bool) -> KV:
+        """Full-length K/V with `blocks` and the tail filled; other slots zero (only when not `dense`)."""
+        blocks = list(blocks)
+        parts = self._blocks(blocks)
         if dense:
             return tuple(torch.cat([p[i] for p in parts] + [self.tail[i]], dim=-2) for i in (0, 1))
         tail_k = self.tail[0]
@@ -179,10 +244,50 @@ class TieredLayer(CacheLayerMixin):
         """Spill hot blocks over the budget to the lower tier (dense layers; a sealed block is written once)."""
         if self.store is None or self.placement is None:  # device tier, or a pattern layer: nothing spills
             return
-        for b in self.placement.victims(self.last_use, self.sealed):
+        for b in self.placement.victims(self.last_use, self.reads, self.sealed):
             if b not in self.store:
                 self.store.put(b, *self.hot[b])
             del self.hot[b], self.last_use[b]
+
+    # ---- save and reopen (`persist`) ------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """What rebuilds this layer: its counters, the tail, every block it holds (hot ones, and spilled ones
+        read back from the lower tier) with the last use of those that were hot, and a content-selecting
+        layer's index keys. Dropped blocks are gone and stay gone."""
+        if not self.is_initialized:
+            return {"length": 0}
+        spilled = [b for b in range(self.sealed) if b not in self.hot and self._stored(b)]
+        blocks = {**self.hot, **(self.store.get_many(spilled, torch.device("cpu")) if spilled else {})}
+        index = self.index_keys[:, : self.length] if self.index_keys is not None else None
+        return {
+            "length": self.length,
+            "step": self.step,
+            "tail": self.tail,
+            "blocks": blocks,
+            "hot": dict(self.last_use),
+            "index_keys": index,
+        }
+
+    def import_state(self, state: dict[str, Any], device: torch.device) -> None:
+        """Rebuild from `export_state()`'s output (tensors anywhere): blocks that were hot come back hot on
+        `device`, the others go to this layer's lower tier (hot when it has none), then the budget applies."""
+        self.reset()
+        if not state["length"]:
+            return
+        self.device = device
+        self.length, self.step = state["length"], state["step"]
+        self.tail = (state["tail"][0].to(device), state["tail"][1].to(device))
+        if state["index_keys"] is not None:
+            self.index_keys = state["index_keys"].to(device)
+        for b, (keys, values) in sorted(state["blocks"].items()):
+            if b in state["hot"] or self.store is None:
+                self.hot[b] = (keys.to(device), values.to(device))
+                self.last_use[b] = state["hot"].get(b, self.step)
+            else:
+                self.store.put(b, keys, values)
+        self.is_initialized = True
+        self._place()
 
 
 def _position_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..params import Params, param
+from .quant import Quantize
 
 
 def _power_of_two(v: int) -> bool:
@@ -15,7 +16,7 @@ def _power_of_two(v: int) -> bool:
 class DeviceTierParams(Params):
     block_size: int | None = param(
         None,
-        "tokens per block; None: each layer's attention-pattern block size (64 for dense layers)",
+        "tokens per block of dense layers; None: 64 (pattern and DSA layers always use their own block size)",
         check=_power_of_two,
         valid="a power of two, e.g. 64 or 128",
     )
@@ -32,6 +33,16 @@ class SpillTierParams(DeviceTierParams):
     sink_blocks: int = param(1, "leading blocks pinned hot", check=lambda v: v >= 0, valid="an integer >= 0")
     recent_blocks: int = param(
         1, "most recent sealed blocks pinned hot", check=lambda v: v >= 0, valid="an integer >= 0"
+    )
+    placement: str = param(
+        "lru",
+        "placement policy (a `placement` plugin) ordering which hot blocks spill first: 'lru' (least recently "
+        "read) or 'reads' (fewest reads; suits DSA), or any installed one",
+    )
+    quantize: Quantize = param(
+        "none",
+        "how spilled blocks are stored: 'none' exactly, 'int8' (lossy, ~4x smaller than fp32) with per-channel "
+        "key and per-token value scales; the error is reported in the cache's stats()",
     )
 
 

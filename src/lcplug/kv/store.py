@@ -6,6 +6,9 @@ a lower copy only drops its hot copy, and a read never has to write back. Each s
 - `HostStore`: CPU memory (pinned when CUDA exists, so copies to the GPU can run asynchronously).
 - `DiskStore`: one append-only file per layer in a private directory, read through `mmap`; its in-memory
   index maps each block to (offset, sizes, CRC-32), and every read is verified against the checksum.
+
+Both count `bytes_read` (lower-tier bytes a gather read) and `bytes_stored` (bytes the tier holds), which
+is what a quantized tier (`quant.QuantizedStore`, wrapping either) saves on.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import KVCacheError
+
+if TYPE_CHECKING:
+    from .quant import QuantizedStore
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,12 +40,14 @@ class HostStore:
         self.blocks: dict[int, KV] = {}
         self._pin = torch.cuda.is_available()
         self.bytes_read = 0
+        self.bytes_stored = 0
 
     def __contains__(self, block: int) -> bool:
         return block in self.blocks
 
     def put(self, block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.blocks[block] = (self._host_copy(keys), self._host_copy(values))
+        self.bytes_stored += _nbytes(keys) + _nbytes(values)
 
     def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
         out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._pin)
@@ -54,6 +63,7 @@ class HostStore:
 
     def clear(self) -> None:
         self.blocks.clear()
+        self.bytes_stored = 0
 
     def close(self) -> None:
         self.clear()
@@ -65,8 +75,8 @@ class _Entry:
     key_bytes: int
     value_bytes: int
     crc: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+    key_layout: tuple[tuple[int, ...], torch.dtype]
+    value_layout: tuple[tuple[int, ...], torch.dtype]
 
 
 class DiskStore:
@@ -83,11 +93,15 @@ class DiskStore:
         self._map: mmap.mmap | None = None
         self.bytes_read = 0
 
+    @property
+    def bytes_stored(self) -> int:
+        return self._end
+
     def __contains__(self, block: int) -> bool:
         return block in self.index
 
     def put(self, block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        k, v = _raw(keys), _raw(values)
+        k, v = host_bytes(keys), host_bytes(values)
         crc = zlib.crc32(v, zlib.crc32(k))
         try:
             for part, offset in ((k, self._end), (v, self._end + len(k))):
@@ -97,7 +111,7 @@ class DiskStore:
             raise KVCacheError(
                 f"kv: cannot write block {block} to {self.path}: {exc.strerror or exc} (disk full or unwritable?)"
             ) from exc
-        self.index[block] = _Entry(self._end, len(k), len(v), crc, tuple(keys.shape), keys.dtype)
+        self.index[block] = _Entry(self._end, len(k), len(v), crc, _layout(keys), _layout(values))
         self._end += len(k) + len(v)
 
     def get_many(self, blocks: list[int], device: torch.device) -> dict[int, KV]:
@@ -118,8 +132,8 @@ class DiskStore:
             del view  # release the map's export now: a traceback holding it would keep the map from closing
             if crc != entry.crc:
                 raise KVCacheError(f"kv: block {b} of {self.path} is corrupted (checksum mismatch); refusing to use it")
-            keys = flat[: entry.key_bytes].view(entry.dtype).view(entry.shape)
-            values = flat[entry.key_bytes :].view(entry.dtype).view(entry.shape)
+            keys = _from_bytes(flat[: entry.key_bytes], entry.key_layout)
+            values = _from_bytes(flat[entry.key_bytes :], entry.value_layout)
             self.bytes_read += end - entry.offset
             out[b] = (keys.to(device), values.to(device))
         return out
@@ -149,9 +163,18 @@ class DiskStore:
             self._fd = -1
 
 
-def _raw(t: torch.Tensor) -> memoryview:
+def host_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of `t` in row-major order, on the host (no copy when it is already a contiguous CPU tensor)."""
     return memoryview(t.detach().to("cpu").contiguous().view(torch.uint8).flatten().numpy())
+
+
+def _layout(t: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
+    return tuple(t.shape), t.dtype
+
+
+def _from_bytes(flat: torch.Tensor, layout: tuple[tuple[int, ...], torch.dtype]) -> torch.Tensor:
+    shape, dtype = layout
+    return flat.view(dtype).view(shape)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -171,7 +194,7 @@ def private_directory(parent: str | os.PathLike | None) -> Path:
     return directory
 
 
-def release(stores: list[HostStore | DiskStore], directory: Path | None) -> None:
+def release(stores: list[HostStore | DiskStore | QuantizedStore], directory: Path | None) -> None:
     """Close every store and remove the private directory (a finalizer: it must not reference the cache)."""
     for store in stores:
         store.close()
