@@ -86,6 +86,18 @@ class GenericAdapter(Adapter):
             raise RuntimeError(f"cannot find the {impl!r} attention function of {type(module).__qualname__}")
         return fn
 
+    def latent_missing(self, attn_module: nn.Module) -> list[str]:
+        """What `attn_module` lacks for latent attention (the `mla` plugin); see `lcplug.adapters.latent`."""
+        from .latent import latent_missing
+
+        return latent_missing(attn_module)
+
+    def latent_forward(self, attn_module: nn.Module) -> Callable[..., Any]:
+        """The attention forward a latent layer runs, to be bound to `attn_module` (see `lcplug.adapters.latent`)."""
+        from .latent import latent_forward
+
+        return latent_forward
+
 
 @hookimpl
 def lcplug_register(register):

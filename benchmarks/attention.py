@@ -9,21 +9,59 @@ length, the FLOP-ratio bound (causal pairs / pairs the pattern keeps: the speed-
 kernel would reach), the fraction of that bound reached, the time to build the block layout (once per
 forward pass, shared by all layers with that pattern, so timed apart), and peak RSS. Results also go to
 a JSON file and a PNG plot.
+
+`mla` is not a pattern but a cache format: keys and values up-projected from a latent of rank H * D (half
+of dense K/V) plus 16 decoupled rope dims per head, then dense causal SDPA (one row, under the `torch`
+executor's name). Its speed-up below 1 is the up-projection's cost; every JSON row carries
+`kv_bytes_per_token` (fp32, one layer), so mla's can be read against dense's.
+
+`hysparse` times one sparse layer with the plugin's default params: its window branch and its queries over
+the full layer's K/V on the blocks that layer chose (inputs here stand in for both layers), mixed by
+gates of 0.5. The choice (one more q . k pass in the full layer, per group) is the `layout s` column. Its
+`kv_bytes_per_token` is per layer averaged over one group of `period` layers: the shared K/V once, plus
+window and sinks for each sparse layer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from worker import run_worker
+
 HEADS, DIM = 8, 64
-PATTERNS = ("sliding-window", "loza", "dsa")
+PATTERNS = ("sliding-window", "loza", "dsa", "ksa", "csa", "hca", "nsa", "mla", "hysparse")
+COMPRESSED = {"ksa", "csa", "hca", "nsa"}  # whole layers (pooling + branches), default params, torch/reference only
+LAYERS = COMPRESSED | {"hysparse"}  # timed as whole layer calls, torch/reference executors only
 EXECUTORS = ("torch", "flex", "flex-native", "reference")
 NATIVE_FLEX = {"sliding-window", "loza"}  # patterns torch's own create_block_mask can express as a mask_mod
 REFERENCE_MAX = 4096  # the dense reference is O(N^2) in time and memory
+MLA_RANK, MLA_ROPE = HEADS * DIM, 16  # mla: latent size per token; rope dims per head kept outside the latent
+
+
+def _mla_inputs(n: int, grad: bool):
+    """What an `mla` cache holds for n tokens (latent (n, rank), rope keys (1, H, n, rope dims)) and the
+    up-projection."""
+    import torch
+
+    latent = torch.randn(n, MLA_RANK, requires_grad=grad)
+    rope_key = torch.randn(1, HEADS, n, MLA_ROPE, requires_grad=grad)
+    up = torch.randn(MLA_RANK, HEADS * (2 * DIM - MLA_ROPE), requires_grad=grad) * MLA_RANK**-0.5
+    return latent, rope_key, up
+
+
+def _mla_attention(q, latent, rope_key, up):
+    """Up-project keys (nope dims) and values from the latent, join the rope keys, run dense causal SDPA."""
+    import torch
+
+    n, split = latent.shape[0], HEADS * (DIM - MLA_ROPE)
+    expanded = latent @ up
+    nope = expanded[:, :split].view(n, HEADS, -1).transpose(0, 1)[None]
+    value = expanded[:, split:].view(n, HEADS, DIM).transpose(0, 1)[None]
+    key = torch.cat((rope_key, nope), dim=-1)
+    return torch.nn.functional.scaled_dot_product_attention(q, key, value, is_causal=True)
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -54,8 +92,17 @@ def _worker(args: argparse.Namespace) -> dict:
         device=torch.device("cpu"),
     )
 
+    mla = _mla_inputs(n, grad) if args.pattern == "mla" else None
+
     def run():
-        if args.pattern == "dense":
+        if mla is not None:
+            out = _mla_attention(q, *mla)
+        elif args.pattern in COMPRESSED:
+            out, _ = compressed(stub, q, k, v, mask, scaling=DIM**-0.5)
+        elif args.pattern == "hysparse":
+            reader.shared.put(choice)  # what the group's full layer hands over in each forward pass
+            out, _ = reader(stub, q, k, v, mask, scaling=DIM**-0.5)
+        elif args.pattern == "dense":
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             if args.executor == "flex-native":
@@ -112,44 +159,102 @@ def _worker(args: argparse.Namespace) -> dict:
         block_mask = create_block_mask(mask_mod, None, None, n, n, device="cpu", _compile=True)
     # the layout is built once per forward pass and shared by every layer with the pattern: timed apart
     start = time.perf_counter()
-    layout = None if args.pattern == "dense" else _layout(args.pattern, mask, q, k)
+    layout = None if args.pattern in ("dense", "mla", *LAYERS) else _layout(args.pattern, mask, q, k)
+    if args.pattern == "hysparse":  # the full layer's block choice, made once per forward pass per group
+        stub = torch.nn.Module()
+        oracle, reader, hysparse = _hysparse_layers(args.executor)
+        choice = oracle.choose(stub, q, k, v, mask, DIM**-0.5, {})
     if layout is not None:
         layout.band()
     layout_seconds = time.perf_counter() - start
     kept = n * (n + 1) // 2 if layout is None else int(layout.mask.sum())
-    if layout is not None or args.executor == "flex-native":
+    if args.pattern in COMPRESSED:  # layouts are built inside the layer's call: included in its time
+        compressed, stub = _compressed_layer(args.pattern), torch.nn.Module()
+        compressed.executor = "reference" if args.executor == "reference" else "torch"
+        kept = _compressed_pairs(compressed, n)
+    if args.pattern == "hysparse":
+        window = reader.window.pattern
+        kept = int(static_layout(window, mask, None, block_q=64, block_k=64).mask.sum())
+        kept += int(choice.layout().mask.sum())
+    if layout is not None or args.executor == "flex-native" or args.pattern in LAYERS:
         run()  # warm-up: compilation (flex) and the layout's derived tensors (biases, BlockMask), which a model
         # builds once per forward pass and shares across its layers
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "layout_seconds": layout_seconds, "pairs": kept, "peak_mib": peak}
+    kv_elements = MLA_RANK + HEADS * MLA_ROPE if mla is not None else 2 * HEADS * DIM
+    if args.pattern == "hysparse":
+        kept_tokens = min(n, hysparse.window + hysparse.sinks)
+        kv_elements *= (1 + (hysparse.period - 1) * kept_tokens / n) / hysparse.period
+    return {
+        "seconds": seconds,
+        "layout_seconds": layout_seconds,
+        "pairs": kept,
+        "peak_mib": peak,
+        "kv_bytes_per_token": compressed.kv_bytes_per_token(n, 4) if args.pattern in COMPRESSED else 4 * kv_elements,
+    }
+
+
+def _compressed_layer(pattern: str):
+    """One ksa/csa/hca/nsa layer with the plugin's default params, for 8 heads (MHA) of head dim 64."""
+    import torch
+
+    from lcplug.attention.compress import Compressor
+    from lcplug.registry import get_registry
+
+    plugin = get_registry().get("attention", pattern).build({})
+    p = plugin.params
+    geometry = p.geometry()
+    return plugin.layer_class(
+        None,
+        "sdpa",
+        geometry=geometry,
+        compressor=Compressor(HEADS, DIM, geometry.size, torch.float32),
+        kv_heads=HEADS,
+        head_dim=DIM,
+        num_heads=HEADS,
+        block_size=p.block_size,
+        executor="torch",
+        **plugin.layer_extras(0, HEADS, HEADS, DIM, torch.float32),
+    )
+
+
+def _hysparse_layers(executor: str):
+    """A full layer choosing blocks and one sparse layer reading them, with the plugin's default params."""
+    import torch
+
+    from lcplug.attention import PatternAttention, SlidingWindowPattern
+    from lcplug.attention.crosslayer import OracleAttention, ReaderAttention, SharedKV
+    from lcplug.registry import get_registry
+
+    p = get_registry().get("attention", "hysparse").build({}).params
+    shared = SharedKV(readers=1)
+    oracle = OracleAttention(None, "sdpa", shared, topk=p.topk, block_size=p.block_size)
+    pattern = SlidingWindowPattern(p.window, p.sinks, p.block_size)
+    window = PatternAttention(None, "sdpa", pattern, num_heads=HEADS, executor=executor)
+    gate = torch.full((HEADS,), 0.5)
+    return oracle, ReaderAttention(None, "sdpa", shared, window, gate, layer_idx=1, executor=executor), p
+
+
+def _compressed_pairs(layer, n: int) -> int:
+    """(query, key-or-entry) pairs the layer scores at length n: its raw window plus the entries it reads."""
+    import torch
+
+    g, pos = layer.geometry, torch.arange(n)
+    raw = (pos - layer.pattern_raw.window_start(pos).clamp(min=0) + 1).sum()
+    end = layer.pattern_raw.window_start(pos) if g.disjoint else pos + 1
+    entries = torch.where(end >= g.size, (end - g.size) // g.stride + 1, 0)
+    if layer.topk is not None:
+        entries = entries.clamp(max=layer.topk)
+    if hasattr(layer, "select_count"):  # nsa: plus the selected raw blocks
+        entries = entries + torch.clamp(pos + 1, max=layer.select_count * layer.select_block)
+    return int(raw + entries.sum())
 
 
 def measure(length: int, pattern: str, executor: str, mode: str, threads: int, timeout: int) -> dict | None:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        "--length",
-        str(length),
-        "--pattern",
-        pattern,
-        "--executor",
-        executor,
-        "--mode",
-        mode,
-        "--threads",
-        str(threads),
-    ]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout {timeout}s"}
-    if res.returncode != 0:
-        return {"error": (res.stderr.strip().splitlines() or ["failed"])[-1][:80]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    args = ["--length", str(length), "--pattern", pattern, "--executor", executor, "--mode", mode]
+    return run_worker(__file__, [*args, "--threads", str(threads)], timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                         continue  # FlexAttention has no backward on the CPU
                     if executor == "flex-native" and pattern not in NATIVE_FLEX:
                         continue
+                    if pattern in LAYERS and executor not in ("torch", "reference"):
+                        continue
+                    if pattern == "mla" and executor != "torch":
+                        continue  # one row: the up-projection and SDPA do not depend on the executor
                     res = measure(n, pattern, executor, mode, args.threads, args.timeout)
                     _print_row(rows, n, mode, pattern, executor, res, dense)
     out = Path(args.out)

@@ -9,21 +9,24 @@ tiny random Llama shaped like a real one where it matters for the cache (4 layer
 2 KiB of K/V per token and layer, the per-layer figure of Llama-3-8B's 8 x 128 heads in bf16 halved). The
 context goes in by chunks of 4096 tokens, either synthetic (the default: random K/V stored through
 `cache.update`, see `_fill`) or by a real prefill through `model(...)` (`--fill model`); then 16 tokens
-are decoded greedily through the model after 2 warm-up steps. Columns: decode tokens/s and its ratio to the default cache (transformers'
-`DynamicCache`) of the same variant at the same length; resident KV (bytes on the compute device at the
-end: hot blocks, open tail, indexer keys) and its ratio to the default cache's; lower-tier bytes read per
-decoded token; fill seconds; peak RSS. With `--fill model`, dense attention stops at 64K: its prefill is
-O(N^2) (minutes per run on 2 cores beyond that). Results also go to a JSON file and a PNG plot.
+are decoded greedily through the model after 2 warm-up steps.
+
+Columns: decode tokens/s and its ratio to the default cache (transformers' `DynamicCache`) of the same
+variant at the same length; resident KV (bytes on the compute device at the end: hot blocks, open tail,
+indexer keys) and its ratio to the default cache's; lower-tier bytes read per decoded token; fill
+seconds; peak RSS. With `--fill model`, dense attention stops at 64K: its prefill is O(N^2) (minutes per
+run on 2 cores beyond that). Results also go to a JSON file and a PNG plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from worker import run_worker
 
 VARIANTS = {
     "dense": None,
@@ -136,13 +139,12 @@ def _resident(cache) -> int:
 
 
 def _measure(variant: str, tier: str, length: int, fill: str, threads: int, scratch: str | None) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--tier", tier, "--length", str(length)]
-    cmd += ["--threads", str(threads), "--fill", fill] + (["--scratch", scratch] if scratch else [])
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"  {variant}/{tier}/{length}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+    args = ["--variant", variant, "--tier", tier, "--length", str(length), "--threads", str(threads), "--fill", fill]
+    row = run_worker(__file__, args + (["--scratch", scratch] if scratch else []))
+    if "error" in row:
+        print(f"  {variant}/{tier}/{length}: failed: {row['error']}", file=sys.stderr)
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return row
 
 
 def _mib(n: float) -> str:

@@ -60,6 +60,7 @@ CASES = {
 PATTERNS = {
     "window+sinks": lambda: SlidingWindowPattern(window=13, sinks=3, block_size=8),
     "window": lambda: SlidingWindowPattern(window=20, sinks=0, block_size=16),
+    "banded": lambda: SlidingWindowPattern(window=40, sinks=2, block_size=8),  # wide enough for the fused band
     "s2": lambda: ShiftedGroupsPattern(group=12, block_size=8),
 }
 
@@ -117,6 +118,23 @@ def test_executor_matches_reference(case, pattern_name, variant):
     assert (out - ref).abs().max() < TOL
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad((out * grad).sum(), inputs), torch.autograd.grad((ref * grad).sum(), inputs)):
+        assert (a - b).abs().max() < TOL
+
+
+def test_banded_executor_takes_kv_as_models_hand_it_over():
+    """K/V as a transposed view of (B, L, Hkv, D) memory (what a model's projections give), at a length the
+    executor does not pad (padding would copy): the band's overlapping view must not assume contiguity."""
+    torch.manual_seed(0)
+    pattern = PATTERNS["banded"]()
+    mask = make_mask(2, 64, 64)
+    q = torch.randn(2, 4, 64, 16, requires_grad=True)
+    k, v = (torch.randn(2, 64, 2, 16).transpose(1, 2).requires_grad_() for _ in range(2))
+    layout = static_layout(pattern, mask, None, block_q=8, block_k=8)
+    assert layout.band() is not None
+    out = block_attention(q, k, v, layout, 0.3)
+    ref, _ = reference_attention(q, k, v, reference_mask(mask, pattern, None, 4), 0.3)
+    assert (out - ref).abs().max() < TOL
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
         assert (a - b).abs().max() < TOL
 
 

@@ -25,10 +25,9 @@ from torch.utils.checkpoint import checkpoint
 from lcplug.attention import LazyMask, check_block_size
 from lcplug.attention.block_torch import CHUNK_ELEMENTS
 from lcplug.attention.blocks import BlockLayout, layout_from_blocks
-from lcplug.attention.compact import CompactKV, LayerAccess, compact_layout, compact_of, expand
+from lcplug.attention.compact import LayerAccess, compact_layout, compact_of, full_kv
 from lcplug.attention.executors import EXECUTORS, RUNNERS, choose
 from lcplug.attention.indexer import (
-    INIT_SEED,
     LightningIndexer,
     blocks_from_selection,
     concat_blocks,
@@ -164,7 +163,7 @@ class DSAAttention(LayerAttention):
         lazy = isinstance(mask, LazyMask)
         compact = compact_of(key, mask.kv_length if lazy else None)
         if compact is not None and not (sparse and lazy and executor != "reference" and not self.compute_loss):
-            key, value = self._whole(key, value, compact)  # dense, reference and loss paths read every key
+            key, value = full_kv(key, value, compact)  # dense, reference and loss paths read every key
             compact = None
         if not sparse and not self.compute_loss:
             return self.run_native(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kw)
@@ -212,14 +211,6 @@ class DSAAttention(LayerAttention):
     def kv_access(self) -> LayerAccess:
         """A cache keeps this layer's indexer keys and hands it only the blocks it selects (sparse stage)."""
         return LayerAccess(index=self.indexer.keys, block_size=self.block_size, compact=True)
-
-    @staticmethod
-    def _whole(key: torch.Tensor, value: torch.Tensor, compact: CompactKV) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every block of compact K/V, as full-length tensors."""
-        if compact.fetch is not None:
-            key, value = compact.fetch(list(range(-(-compact.length // compact.block_size))))
-            compact = compact_of(key, None)
-        return expand(key, value, compact)
 
     def _call(self, module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, kw: dict) -> _Call:
         b, lq = query.shape[0], query.shape[2]
@@ -382,13 +373,8 @@ class DSA(AttentionPlugin):
         check_block_size(p.block_size, self.qualname())
         heads, kv_heads, head_dim = attention_shape(attn_module, adapter)
         dtype = next(attn_module.parameters()).dtype
-        indexer = LightningIndexer(
-            heads * head_dim,
-            kv_heads * head_dim,
-            min(p.heads, heads),
-            min(p.dim, head_dim),
-            seed=INIT_SEED + layer_idx,
-            dtype=dtype,
+        indexer = LightningIndexer.for_layer(
+            layer_idx, heads, kv_heads, head_dim, index_heads=p.heads, index_dim=p.dim, dtype=dtype
         )
         return DSAAttention(
             native_fn,

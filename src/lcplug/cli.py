@@ -581,31 +581,76 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_plan(subparsers: Subparsers) -> None:
-    """`lcplug plan`: what a recipe's run takes, stage by stage, before any weight or GPU."""
+    """`lcplug plan`: what a recipe's run takes, stage by stage, before any weight or GPU; with --gpus, how
+    to shard one long sequence over them (the context-parallel planner)."""
     p = subparsers.add_parser(
         "plan",
-        help="build a recipe's run on the meta device: patch, stages, trainable parameters, memory per device",
+        help="a recipe's run on the meta device (stages, memory per device), or a context-parallel plan (--gpus)",
         description=(
             "Build RECIPE's model on the meta device (no weights; base.config or a local base.model gives the "
             "config), apply its patch and walk its stages as a run would: the patch each stage trains with, the "
             "trainable parameters by group, steps and tokens, the lr schedule, the attention each layer runs, and "
             "the memory per device (weights, gradients, AdamW states, gathered FSDP weights, activations, "
-            "attention, logits), with a warning where a stage exceeds an 80 GiB device. See docs/recipes.md."
+            "attention, logits), with a warning where a stage exceeds an 80 GiB device. See docs/recipes.md. "
+            "With --gpus (and --model CONFIG, or RECIPE for its model, patch and last seq_len): per context-parallel "
+            "strategy (ring, ulysses, allgather, hybrid) the bytes each GPU moves, their time on the topology, how "
+            "much hides behind attention, memory per GPU, and a recommendation. See docs/plan.md."
         ),
     )
-    p.add_argument("recipe", metavar="RECIPE", type=Path, help="a YAML recipe")
+    p.add_argument("recipe", metavar="RECIPE", type=Path, nargs="?", help="a YAML recipe")
     p.add_argument(
         "--world-size", type=_positive, help="devices of the run (default: the recipe's cp.degree, the fewest it needs)"
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    cp = p.add_argument_group("context-parallel planner (with --gpus)")
+    cp.add_argument("--model", metavar="CONFIG", help="a shipped config name (e.g. Llama-3.1-8B), config.json or dir")
+    cp.add_argument("--seq-len", type=_positive, help="tokens per sequence (default with RECIPE: its last stage's)")
+    cp.add_argument("--gpus", type=_positive, help="GPUs each sequence is sharded over (the cp degree)")
+    cp.add_argument("--gpus-per-node", type=_positive, default=8, help="GPUs sharing NVLink (default 8)")
+    cp.add_argument("--intra-bw", type=float, default=450.0, help="GB/s per GPU inside a node (default 450, H100)")
+    cp.add_argument("--inter-bw", type=float, default=50.0, help="GB/s per GPU across nodes (default 50: 400 Gb/s)")
+    cp.add_argument("--memory-gib", type=float, default=80.0, help="memory per GPU (default 80)")
+    cp.add_argument("--tflops", type=float, default=400.0, help="sustained TFLOP/s per GPU (default 400: ~40%% MFU)")
+    cp.add_argument("--attention", metavar="SPEC", help="attention plugin spec, e.g. 'sliding-window:window=4096'")
+    cp.add_argument("--batch", type=_positive, default=1, help="sequences per GPU group per step (default 1)")
+    cp.add_argument("--forward-only", action="store_true", help="plan a forward pass (scoring), not a training step")
+    cp.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations for backward")
     p.set_defaults(handler=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; a stage over the device's memory is a warning in it, not a failure."""
+    if args.gpus is not None or args.model is not None:
+        return run_cp_plan(args)
+    if args.recipe is None:
+        raise CLIError("lcplug plan needs RECIPE, or --model CONFIG --seq-len N --gpus G (see 'lcplug plan --help')")
     from .train.plan import plan
 
     result = plan(args.recipe, world_size=args.world_size)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
+def run_cp_plan(args: argparse.Namespace) -> int:
+    """The context-parallel plan of `--model` (or RECIPE's model, patch and last sequence length)."""
+    from .cp.planner import Job, Topology, plan_cp, recipe_shape, skeleton_shape
+
+    if (args.recipe is None) == (args.model is None):
+        raise CLIError("the context-parallel plan takes RECIPE or --model CONFIG (one of them)")
+    if args.gpus is None:
+        raise CLIError("the context-parallel plan needs --gpus G (the GPUs one sequence is sharded over)")
+    if args.model is not None:
+        if args.seq_len is None:
+            raise CLIError("the context-parallel plan of --model needs --seq-len N (tokens per sequence)")
+        shape, seq_len = skeleton_shape(args.model, args.attention), args.seq_len
+    else:
+        if args.attention is not None:
+            raise CLIError("--attention goes with --model; a RECIPE's patch gives its attention")
+        shape, last = recipe_shape(args.recipe)
+        seq_len = args.seq_len or last
+    topology = Topology(args.gpus, args.gpus_per_node, args.intra_bw, args.inter_bw, args.memory_gib, args.tflops)
+    job = Job(seq_len, args.batch, train=not args.forward_only, checkpointing=not args.no_checkpointing)
+    result = plan_cp(shape, topology, job)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0
 

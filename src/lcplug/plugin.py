@@ -164,9 +164,31 @@ class RopePlugin(Plugin):
 
 
 class CPPlugin(Plugin):
-    """Base of context-parallel strategies (sequence sharding over ranks)."""
+    """Base of context-parallel strategies: shard each sequence over `degree` ranks (see `lcplug.cp`).
+
+    A cp plugin says *how* keys reach the ranks that need them (`strategy`); the attention plugins keep
+    saying *which* keys each query sees. Its params must include `degree` and `timeout` (seconds a
+    collective may wait for a rank). Installing builds the process groups and routes every attention
+    module through the strategy; outside torch.distributed the patch is inactive (a warning says so), so a
+    checkpoint trained with cp reloads in one process.
+    """
 
     kind = "cp"
+    runtime: Any = None  # set by install: the `lcplug.cp.install.CPRuntime` this instance runs with
+
+    def strategy(self) -> Any:
+        """The `lcplug.cp.strategies.Strategy` this plugin's params describe."""
+        raise NotImplementedError  # abstract: each cp plugin defines it
+
+    def check(self, model: PreTrainedModel, adapter: Adapter) -> None:
+        from .cp.install import check_cp
+
+        check_cp(self, model, adapter)
+
+    def install(self, ctx: PatchContext) -> None:
+        from .cp.install import install_cp
+
+        install_cp(self, ctx)
 
 
 class KVPlugin(Plugin):

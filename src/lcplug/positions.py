@@ -101,6 +101,9 @@ def pattern_positions(
     - Otherwise slots are shifted so that each row's first real (non-padding) key is position 0: the same
       answer for a left-padded prefill, for its decode steps, and whether or not the caller passed ids.
     """
+    own = getattr(mask, "positions", None)
+    if own is not None:  # a context-parallel shard's mask knows its tokens' global positions (lcplug.cp.shard)
+        return own(device)
     b, lq, lkv = mask.batch_size, mask.q_length, mask.kv_length
     q_slots = torch.arange(lq, device=device) + mask.q_offset
     kv_slots = torch.arange(lkv, device=device) + mask.kv_offset

@@ -23,8 +23,10 @@ def model():
     return tiny_model("llama", max_position_embeddings=1024)
 
 
-def _prefilled(model, path) -> TieredCache:
-    cache = TieredCache(model, tier="disk", hot_tokens=192, path=path)
+def _prefilled(model, path, prefetch: bool = False) -> TieredCache:
+    """A disk cache holding the prompt, spilled. Read-ahead off unless asked: a block read ahead before a
+    test corrupts the file was read intact, and the fault would show one step later."""
+    cache = TieredCache(model, tier="disk", hot_tokens=192, path=path, prefetch=prefetch)
     with torch.no_grad():
         model(input_ids=PROMPT, cache=cache)
     assert cache.stats()["spilled"] > 0
@@ -46,6 +48,15 @@ def test_corrupted_block_raises(model, tmp_path):
             f.write(bytes([byte[0] ^ 0xFF]))
         with pytest.raises(KVCacheError, match=r"block 1 of .*layer000\.kv is corrupted"):
             _decode(model, cache)
+
+
+def test_corrupted_block_raises_through_read_ahead(model, tmp_path):
+    with _prefilled(model, tmp_path, prefetch=True) as cache:
+        with open(cache.directory / "layer001.kv", "r+b") as f:
+            f.write(b"\xff" * 8)
+        with pytest.raises(KVCacheError, match=r"block 1 of .*layer001\.kv is corrupted"):
+            for _ in range(2):  # layer 1 was read ahead during the prefill; the next step's read sees it
+                _decode(model, cache)
 
 
 def test_missing_block_raises(model, tmp_path):

@@ -44,6 +44,7 @@ def test_manifest_round_trip(tmp_path):
         "sink_blocks": 1,
         "recent_blocks": 1,
         "placement": "reads",
+        "prefetch": True,
         "quantize": "int8",
         "path": str(tmp_path),
     }

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import lcplug
+from lcplug.attention import stream
 from lcplug.attention.compact import compact_of
 from lcplug.attention.dispatch import SUBMODULE
 from lcplug.kv import TieredCache
 from lcplug.patching import choose_adapter
 from lcplug.testing import padded_batch, tiny_model
+from lcplug.testing.models import NATIVE_ATTENTION
 
 PROMPT, NEW = 600, 6
 DSA = "dsa:stage=sparse,topk=64,block_size=32,heads=2,dim=8"
@@ -69,6 +71,40 @@ def test_dsa_reads_only_the_selected_blocks_from_disk(prompt, tmp_path):
     per_step_cap = 3 * 2 * (64 // 32) * block_bytes
     prefill_cap = 3 * (PROMPT + 9) // 32 * block_bytes
     assert stats["bytes_read"] <= prefill_cap + NEW * per_step_cap, stats
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: the model's own sliding layers and soft-capping
+def test_dense_layers_stream_spilled_blocks(family, prompt, tmp_path, monkeypatch):
+    """Layers on the model's own attention get the blocks held hot and stream the spilled ones from disk in
+    parts merged by log-sum-exps (2 blocks per part here), equal to the default cache."""
+    monkeypatch.setattr(stream, "CHUNK_BLOCKS", 2)
+    model = lcplug.patch(
+        tiny_model(family, max_position_embeddings=1024, attn_implementation=NATIVE_ATTENTION.get(family)),
+        attention="full",
+    )
+    ids, mask = prompt
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    seen = _record_keys(model)
+    parts = []
+    real = stream.merge_partials
+    monkeypatch.setattr(stream, "merge_partials", lambda p, like: parts.append(len(p)) or real(p, like))
+    with TieredCache(model, tier="disk", hot_tokens=128, block_size=32, path=tmp_path) as cache:
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            cache=cache,
+        )
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), rtol=0, atol=1e-5)
+    decode = seen[-3 * (NEW - 1) :]
+    assert all(received <= 128 + 32 < total for received, total in decode), decode  # hot blocks + tail only
+    assert parts and min(parts) > 2, parts  # several streamed parts per call
 
 
 def test_compact_keys_that_lose_their_tag_fail_loudly():

@@ -96,8 +96,9 @@ def test_context_parallelism_needs_its_plugin_when_a_run_starts():
     from lcplug.train.runner import context_parallel
 
     assert context_parallel(CPConfig(degree=1, strategy="ring")) == {}
-    with pytest.raises(RecipeError, match=r"cp\.strategy 'ring': no cp plugin installed by that name"):
-        context_parallel(CPConfig(degree=2, strategy="ring"))
+    assert context_parallel(CPConfig(degree=2, strategy="ring")) == {"cp": {"name": "ring", "degree": 2}}
+    with pytest.raises(RecipeError, match=r"cp\.strategy 'rign': no cp plugin installed by that name.*'ring'"):
+        context_parallel(CPConfig(degree=2, strategy="rign"))
 
 
 def test_sharded_weight_launches_are_refused_not_saved_wrong():

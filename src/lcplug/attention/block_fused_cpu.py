@@ -123,6 +123,8 @@ def block_attention(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, 
     """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); blocks (B, U, NQ, K) and bias (B, U, NQ, BQ, K*BK)
     from the layout; sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
     q, k, v = _autocast(q, k, v)
+    k, v = k.contiguous(), v.contiguous()  # the band's overlapping view assumes contiguous blocks (a model's V
+    # arrives transposed from its projection: (B, L, H, D) memory seen as (B, H, L, D))
     units = blocks.shape[1]
     band = layout.band() if layout.groups == 1 else None
     if band is not None:

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import block_fused_cpu
 from .blocks import BlockLayout
-from .reference import masked_softmax
+from .reference import masked_softmax_lse
 
 CHUNK_ELEMENTS = 1 << 24
 """Score elements per chunk (64 MiB in fp32): bounds peak memory whatever the sequence length."""
@@ -31,10 +31,13 @@ def block_attention(
     *,
     sink_logit: torch.Tensor | None = None,
     softcap: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of query (B, H, Lq, D) over key/value (B, Hkv, Lkv, D) restricted to `layout`.
 
-    Returns (B, Lq, H, D), the layout transformers' attention functions return.
+    Returns (B, Lq, H, D), the layout transformers' attention functions return; with `return_lse` also
+    the log-sum-exp of each query's scores (B, H, Lq), -inf where no key is allowed, so that partial
+    results over disjoint key sets merge exactly (context parallelism).
     """
     b, h, lq, d = query.shape
     hkv = key.shape[1]
@@ -55,7 +58,7 @@ def block_attention(
     v = _pad(value, nkb * bk).view(b, units, nkb, bk, d)
     idx = _per_unit(layout.kv_blocks, unit_group, units).clamp(min=0)  # (B, U, NQ, K)
     step = max(1, CHUNK_ELEMENTS // max(1, b * h * bq * kmax * bk))
-    if block_fused_cpu.available(query, softcap):
+    if block_fused_cpu.available(query, softcap) and not return_lse:
         sink = None if sink_logit is None else sink_logit.view(1, units, per_unit, 1, 1)
         bias = _per_unit(layout.bias(query.dtype), unit_group, units)
         out = block_fused_cpu.block_attention(q, k, v, layout, idx, bias, scaling, step, sink)
@@ -70,11 +73,13 @@ def block_attention(
             outs.append(checkpoint(_chunk, *args, scaling, softcap, use_reentrant=False))
         else:
             outs.append(_chunk(*args, scaling, softcap))
-    out = torch.cat(outs, dim=3).reshape(b, h, nq * bq, d)[:, :, :lq]
-    return out.transpose(1, 2).contiguous()
+    out = torch.cat([o for o, _ in outs], dim=3).reshape(b, h, nq * bq, d)[:, :, :lq].transpose(1, 2).contiguous()
+    if not return_lse:
+        return out
+    return out, torch.cat([lse for _, lse in outs], dim=3).reshape(b, h, nq * bq)[:, :, :lq]
 
 
-def _chunk(q, k, v, idx, allowed, sink, scaling: float, softcap: float | None) -> torch.Tensor:
+def _chunk(q, k, v, idx, allowed, sink, scaling: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     b, units, _, nc, bq, d = q.shape
     kmax, bk = idx.shape[-1], k.shape[-2]
     bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
@@ -85,8 +90,8 @@ def _chunk(q, k, v, idx, allowed, sink, scaling: float, softcap: float | None) -
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     keep = allowed.permute(0, 1, 2, 4, 3, 5).reshape(b, units, 1, nc, bq, kmax * bk)
-    probs = masked_softmax(scores.float(), keep, sink).to(q.dtype)
-    return torch.matmul(probs, vg)
+    probs, lse = masked_softmax_lse(scores.float(), keep, sink)
+    return torch.matmul(probs.to(q.dtype), vg), lse
 
 
 def _per_unit(x: torch.Tensor, unit_group: torch.Tensor, units: int) -> torch.Tensor:

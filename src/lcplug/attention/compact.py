@@ -39,7 +39,7 @@ class CompactKV:
     blocks: list[int]
     block_size: int
     length: int
-    fetch: Callable[[list[int]], KV] | None = None
+    fetch: Callable[..., KV] | None = None
     index_keys: torch.Tensor | None = None
     _lut: dict = field(default_factory=dict, repr=False)
 
@@ -95,8 +95,10 @@ def compact_of(key: torch.Tensor, kv_length: int | None) -> CompactKV | None:
     return info
 
 
-def compact_layout(layout: BlockLayout, info: CompactKV) -> BlockLayout:
-    """`layout` with key-block indices moved to the compact tensors; every block it reads must be present."""
+def compact_layout(layout: BlockLayout, info: CompactKV, *, subset: bool = False) -> BlockLayout:
+    """`layout` with key-block indices moved to the compact tensors. Every block it reads must be present,
+    unless `subset`: then the layout keeps only the blocks the compact tensors hold (one part of a streamed
+    attention whose parts are merged by their log-sum-exps)."""
     if info.is_full:
         return layout
     if layout.block_k != info.block_size:
@@ -104,10 +106,20 @@ def compact_layout(layout: BlockLayout, info: CompactKV) -> BlockLayout:
     lut = info.lookup(layout.kv_blocks.device)
     moved = torch.where(layout.kv_blocks >= 0, lut[layout.kv_blocks.clamp(min=0)], -1)
     missing = (layout.kv_blocks >= 0) & (moved < 0)
-    if bool(missing.any()):
+    mask = layout.mask & (moved >= 0)[..., None, None] if subset else layout.mask  # a dropped slot reads nothing
+    if not subset and bool(missing.any()):
         block = int(layout.kv_blocks[missing][0])
         raise RuntimeError(f"the layout reads key block {block}, which the compact K/V does not hold")
-    return BlockLayout(layout.block_q, layout.block_k, layout.q_len, info.compact_length, moved, layout.mask)
+    return BlockLayout(layout.block_q, layout.block_k, layout.q_len, info.compact_length, moved, mask)
+
+
+def full_kv(key: torch.Tensor, value: torch.Tensor, info: CompactKV) -> KV:
+    """Every block of the sequence as full-length K/V: fetched when the tags offer a fetch, else the compact
+    blocks in place with zeros elsewhere (`expand`)."""
+    if info.fetch is not None and not info.is_full:
+        key, value = info.fetch(list(range(-(-info.length // info.block_size))))
+        info = compact_of(key, None)
+    return expand(key, value, info)
 
 
 def expand(key: torch.Tensor, value: torch.Tensor, info: CompactKV) -> KV:

@@ -19,6 +19,8 @@ from .mask import register_mask_interface
 
 DISPATCHER_NAME = "lcplug"
 SUBMODULE = "lcplug_attention"
+CP_ATTR = "lcplug_cp"
+"""Instance attribute of an attention module a `cp` plugin sets: the callable that runs it context-parallel."""
 
 
 def lcplug_attention_forward(
@@ -36,6 +38,9 @@ def lcplug_attention_forward(
             f"{DISPATCHER_NAME!r} but was not patched by lcplug; use lcplug.patch(model, ...) instead of setting "
             "the implementation by hand"
         )
+    cp = module.__dict__.get(CP_ATTR)
+    if cp is not None:  # context parallelism runs this layer's pattern across ranks (lcplug.cp)
+        return cp(layer, module, query, key, value, attention_mask, **kwargs)
     return layer(module, query, key, value, attention_mask, **kwargs)
 
 

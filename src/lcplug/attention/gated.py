@@ -70,25 +70,42 @@ class GatedAttention(LayerAttention):
         return isinstance(self.gate, nn.Parameter)
 
     def forward(self, module: nn.Module, query, key, value, mask, **kwargs: Any):
-        heads, kv_heads = query.shape[1], key.shape[1]
+        return self.mix(
+            lambda: self.run_native(module, query, key, value, mask, **kwargs)[0],
+            lambda: self.sparse(module, query, key, value, mask, **kwargs)[0],
+            query.shape[1],
+            key.shape[1],
+        ), None
+
+    def mix(
+        self, full: Callable[[], torch.Tensor], sparse: Callable[[], torch.Tensor], heads: int, kv_heads: int
+    ) -> torch.Tensor:
+        """gate * full() + (1 - gate) * sparse() over (B, Lq, H, D) outputs, running only the branches the gate
+        needs (context parallelism passes its own branch runners)."""
         size = self.gate.numel()
         if size not in (1, kv_heads):
             raise RuntimeError(f"gate of size {size} does not fit {kv_heads} KV heads")
         if self.only == "full":
-            return self.run_native(module, query, key, value, mask, **kwargs)[0], None
+            return full()
         if self.only == "sparse":
-            return self.sparse(module, query, key, value, mask, **kwargs)[0], None
-        gate = self.gate.clamp(0.0, 1.0)
-        full = self.run_native(module, query, key, value, mask, **kwargs)[0]
-        sparse = self.sparse(module, query, key, value, mask, **kwargs)[0]
-        if size > 1:
-            gate = gate.repeat_interleave(heads // kv_heads)
-        gate = gate.to(full.dtype).view(1, 1, -1, 1)  # (B, Lq, H, D) outputs
-        return gate * full + (1 - gate) * sparse, None
+            return sparse()
+        return convex_mix(self.gate, full(), sparse())
 
     def extra_repr(self) -> str:
         kind = "trainable" if self.trainable else "fixed"
         return f"{kind} gate of size {self.gate.numel()}, native={self.native_impl}"
+
+
+def convex_mix(gate: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """gate * first + (1 - gate) * second over (B, Lq, H, D) outputs, `gate` clamped to [0, 1].
+
+    `gate` has one entry (the whole layer) or one per KV head, shared by that head's query heads (the
+    grouping transformers' `repeat_kv` uses). Clamping keeps the mix convex however far an optimiser pushes
+    the gate, and still passes gradients at the ends, so a gate that starts at 0 or 1 can move.
+    """
+    gate = gate.clamp(0.0, 1.0).repeat_interleave(first.shape[2] // gate.numel())
+    gate = gate.to(first.dtype).view(1, 1, -1, 1)
+    return gate * first + (1 - gate) * second
 
 
 def attention_plugin(model: nn.Module, plugin_cls: type[P], mode: str | None = None) -> P:

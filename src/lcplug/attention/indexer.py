@@ -14,6 +14,7 @@ way whatever the row length, for the same reason.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,21 @@ class LightningIndexer(nn.Module):
         self.weights_proj = weight(heads, q_width)
         self.k_norm = nn.LayerNorm(dim, dtype=dtype)
         self.scale = (heads * dim) ** -0.5
+
+    @classmethod
+    def for_layer(
+        cls, layer_idx: int, heads: int, kv_heads: int, head_dim: int, *, index_heads: int, index_dim: int, dtype
+    ) -> LightningIndexer:
+        """The indexer of attention layer `layer_idx` (H query and Hkv KV heads of `head_dim`): `index_heads`
+        and `index_dim` capped at the layer's heads and head dimension, weights seeded per layer."""
+        return cls(
+            heads * head_dim,
+            kv_heads * head_dim,
+            min(index_heads, heads),
+            min(index_dim, head_dim),
+            seed=INIT_SEED + layer_idx,
+            dtype=dtype,
+        )
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indexer queries (B, Lq, heads, dim), keys (B, Lkv, dim) and head weights (B, Lq, heads)."""
@@ -103,8 +119,11 @@ def select_blocks(
     kv_block: torch.Tensor,
     num_blocks: int,
     k: int,
+    reduce: Literal["amax", "sum"] = "amax",
 ) -> torch.Tensor:
-    """Each query's top-k key blocks by the largest visible score inside the block, its own block always kept.
+    """Each query's top-k key blocks by the largest visible score inside the block (`reduce="amax"`) or the
+    sum of its visible scores (`"sum"`: for attention probabilities, the mass a block receives), its own block
+    always kept.
 
     `kv_block` (B, Lkv) is the block of each key and `own_block` (B, Lc) the block of each query's own
     position; blocks are counted on positions, so padding and cache offsets do not move their edges.
@@ -114,6 +133,9 @@ def select_blocks(
     index = kv_block[:, None, :].expand_as(masked)
     per_block = masked.new_full((*masked.shape[:2], num_blocks), float("-inf"))
     per_block = per_block.scatter_reduce(-1, index, masked, "amax")
+    if reduce == "sum":
+        total = torch.zeros_like(per_block).scatter_add(-1, index, scores.masked_fill(~visible, 0.0))
+        per_block = torch.where(per_block > float("-inf"), total, per_block)
     per_block.scatter_(-1, own_block[..., None], float("inf"))
     return top_k_mask(per_block, k).gather(-1, index) & visible
 

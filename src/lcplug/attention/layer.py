@@ -16,12 +16,30 @@ import torch
 from torch import nn
 
 from .blocks import static_layout
-from .compact import LayerAccess, compact_layout, compact_of, expand
+from .compact import LayerAccess, compact_layout, compact_of, expand, full_kv
 from .executors import RUNNERS, choose
 from .mask import LazyMask
 from .pattern import Pattern
 from .positions import pattern_positions
 from .reference import reference_attention
+from .stream import stream_attention
+
+STREAMABLE_IMPLS = ("sdpa", "eager")
+"""Model backends whose attention lcplug's executor reproduces exactly from the lazy mask."""
+STREAMABLE_KWARGS = frozenset(
+    {
+        "scaling",
+        "dropout",
+        "softcap",
+        "sliding_window",
+        "position_ids",
+        "cache_position",
+        "output_attentions",
+        "use_cache",
+    }
+)
+"""Attention-call arguments a streamed dense layer honours (the sliding window is in the mask); any other
+non-None argument (e.g. gpt-oss's sinks `s_aux`) makes the layer fetch every block and run its backend."""
 
 
 class LayerAttention(nn.Module):
@@ -44,10 +62,42 @@ class LayerAttention(nn.Module):
 
 
 class NativeAttention(LayerAttention):
-    """The model's own attention, unchanged (the `full` plugin and unselected layers)."""
+    """The model's own attention, unchanged (the `full` plugin and unselected layers).
+
+    Given compact K/V by a KV tier (blocks held hot, the rest spilled), it streams the spilled blocks
+    through lcplug's executor (`stream.stream_attention`) with the model's own mask, when the call carries
+    nothing the executor cannot reproduce (`STREAMABLE_KWARGS`); otherwise it fetches every block and runs
+    the model's own backend.
+    """
 
     def forward(self, module: nn.Module, query, key, value, mask, **kwargs: Any):
+        compact = compact_of(key, mask.kv_length if isinstance(mask, LazyMask) else None)
+        if compact is not None and not compact.is_full:
+            if isinstance(mask, LazyMask) and self._streamable(module, kwargs):
+                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                out = stream_attention(
+                    query,
+                    key,
+                    value,
+                    compact,
+                    mask,
+                    position_ids=kwargs.get("position_ids"),
+                    scaling=scaling,
+                    softcap=kwargs.get("softcap"),
+                    causal=getattr(module, "is_causal", True),
+                )
+                return out, None
+            key, value = full_kv(key, value, compact)
         return self.run_native(module, query, key, value, mask, **kwargs)
+
+    def kv_access(self) -> LayerAccess:
+        """Compact K/V when the model's backend is one the executor reproduces (sdpa, eager)."""
+        return LayerAccess(compact=self.native_impl in STREAMABLE_IMPLS)
+
+    @staticmethod
+    def _streamable(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+        extra = {k for k, v in kwargs.items() if v is not None and k not in STREAMABLE_KWARGS}
+        return not extra and not (kwargs.get("dropout") and module.training)
 
     def extra_repr(self) -> str:
         return f"native={self.native_impl}"

@@ -36,6 +36,9 @@ class Pattern:
     block_size: int = 64
     head_groups: int = 1
 
+    def __init__(self, block_size: int = 64):
+        self.block_size = block_size
+
     def allows(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, head_group: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(q_pos.shape, kv_pos.shape), dtype=torch.bool, device=q_pos.device)
 

@@ -15,6 +15,14 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor, sink: torch.Tens
     """Softmax over the last dim restricted to `allowed`, with optional sink logits (broadcastable to
     scores[..., :1]) that take probability mass without a value. A row with nothing allowed gives zeros,
     with finite gradients (no NaN from an all -inf row)."""
+    return masked_softmax_lse(scores, allowed, sink)[0]
+
+
+def masked_softmax_lse(
+    scores: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`masked_softmax` and the log of its normaliser (scores[..., 0]'s shape; -inf for a row with nothing
+    allowed), what context parallelism needs to merge softmaxes computed over disjoint key sets."""
     scores = scores.masked_fill(~allowed, float("-inf"))
     peak = scores.amax(dim=-1, keepdim=True)
     if sink is not None:
@@ -24,7 +32,9 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor, sink: torch.Tens
     denom = weights.sum(dim=-1, keepdim=True)
     if sink is not None:
         denom = denom + torch.exp(sink - peak)
-    return weights / denom.clamp_min(torch.finfo(weights.dtype).tiny)
+    tiny = torch.finfo(weights.dtype).tiny
+    lse = torch.where(denom > 0, torch.log(denom.clamp_min(tiny)) + peak, float("-inf")).squeeze(-1)
+    return weights / denom.clamp_min(tiny), lse
 
 
 def reference_attention(

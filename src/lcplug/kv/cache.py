@@ -31,6 +31,7 @@ from . import persist
 from .errors import KVCacheError
 from .layer import TieredLayer
 from .placement import Placement, placement_policy
+from .prefetch import Prefetcher
 from .quant import QUANTIZE, QuantError, Quantize, QuantizedStore
 from .store import DiskStore, HostStore, private_directory, release
 
@@ -122,12 +123,14 @@ class TieredCache(Cache):
     def __init__(
         self, model: nn.Module, tier: Tier = "disk", *, path: str | os.PathLike | None = None, **settings: Any
     ):
+        prefetch = settings.pop("prefetch", True)
         plans = plan_layers(model, tier, **settings)
-        self.tier, self.settings = tier, settings
+        self.tier, self.settings = tier, {**settings, "prefetch": prefetch}
         self._model = weakref.ref(model)
         self.directory: Path | None = private_directory(path) if tier == "disk" else None
         stores: list[HostStore | DiskStore | QuantizedStore] = []
-        self._finalizer = weakref.finalize(self, release, stores, self.directory)
+        prefetchers: list[Prefetcher] = []
+        self._finalizer = weakref.finalize(self, release, stores, self.directory, prefetchers)
         layers = []
         try:
             for plan in plans:
@@ -139,6 +142,15 @@ class TieredCache(Cache):
             self.close()
             raise
         super().__init__(layers=layers)
+        self.prefetcher = Prefetcher(layers) if prefetch and any(layer.prefetchable for layer in layers) else None
+        if self.prefetcher is not None:
+            prefetchers.append(self.prefetcher)
+
+    def update(self, key_states, value_states, layer_idx: int, *args: Any, **kwargs: Any):
+        """Store the new K/V of layer `layer_idx`; with prefetch on, the next dense layer is read ahead meanwhile."""
+        if self.prefetcher is not None:
+            self.prefetcher.advance(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _store(self, plan: LayerPlan) -> HostStore | DiskStore | QuantizedStore:
         inner = HostStore() if self.tier == "host" else DiskStore(self.directory, f"layer{plan.idx:03d}")

@@ -31,6 +31,9 @@ from .needs import FUTURE, blocks_needed
 from .placement import Placement
 from .store import KV, DiskStore, HostStore
 
+PREFETCH_BLOCKS = 256
+"""Spilled blocks a `Prefetcher` reads ahead per layer: one streamed chunk (`attention.stream.CHUNK_BLOCKS`)."""
+
 
 class TieredLayer(CacheLayerMixin):
     """A `transformers` cache layer storing K/V in blocks across tiers (see the module docstring)."""
@@ -55,6 +58,7 @@ class TieredLayer(CacheLayerMixin):
         self.hot: dict[int, KV] = {}
         self.last_use: dict[int, int] = {}  # hot block -> the step that last read it
         self.reads: dict[int, int] = {}  # block -> steps that read it (kept when it spills: policies may use it)
+        self.staged: dict[int, KV] = {}  # spilled blocks a `Prefetcher` read ahead for the next update
         self.index_keys: torch.Tensor | None = None  # (B, capacity, d) selection keys of a content-selecting layer
         self.step = 0
 
@@ -76,6 +80,8 @@ class TieredLayer(CacheLayerMixin):
         positions = _position_ids(args, kwargs)
         if self.access.index is not None and self.access.compact:
             keys, values = self.fetch([])  # the layer fetches what its selection needs
+        elif self.pattern is None and self.access.compact:
+            keys, values = self.fetch(sorted(self.hot))  # the layer streams the spilled blocks it reads
         elif self.pattern is None or positions is None:
             keys, values = self._gather(range(self.sealed), dense=True)
         else:
@@ -149,6 +155,17 @@ class TieredLayer(CacheLayerMixin):
             tensors.append(self.index_keys[:, : self.length])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @property
+    def prefetchable(self) -> bool:
+        """A dense layer that spills: its next update reads every spilled block, so they can be read ahead."""
+        return self.store is not None and self.access.pattern is None and self.access.index is None
+
+    def read_spilled(self) -> dict[int, KV]:
+        """The first `PREFETCH_BLOCKS` spilled blocks (what a streamed read takes first), read into host memory
+        (a `Prefetcher` calls this on its worker thread; the bound keeps read-ahead memory bounded)."""
+        blocks = [b for b in range(self.sealed) if b not in self.hot and self._stored(b)][:PREFETCH_BLOCKS]
+        return self.store.get_many(blocks, torch.device("cpu")) if blocks else {}
+
     def _stored(self, block: int) -> bool:
         return self.store is not None and block in self.store
 
@@ -166,8 +183,8 @@ class TieredLayer(CacheLayerMixin):
         self.tail = (k[..., full * bs :, :].clone(), v[..., full * bs :, :].clone())
         self.length += keys.shape[-2]
 
-    def fetch(self, blocks: list[int]) -> KV:
-        """Compact K/V (tagged `CompactKV`) of the sealed `blocks` (sorted) and the open tail, in that order.
+    def fetch(self, blocks: list[int], tail: bool = True) -> KV:
+        """Compact K/V (tagged `CompactKV`) of the sealed `blocks` (sorted) and, with `tail`, the open tail.
 
         Spilled blocks are read from the lower tier; a content-selecting layer promotes them to hot (its
         selections repeat from step to step), the placement policy evicting its least recently used blocks.
@@ -177,8 +194,10 @@ class TieredLayer(CacheLayerMixin):
         parts = self._blocks(sealed, promote=promote)
         if promote:
             self._place()  # promoted blocks count against the budget at once; these are the most recent uses
-        listed = sealed + ([self.sealed] if self.tail[0].shape[-2] else [])
-        keys, values = (torch.cat([p[i] for p in parts] + [self.tail[i]], dim=-2) for i in (0, 1))
+        tail = tail and self.tail[0].shape[-2] > 0
+        listed = sealed + ([self.sealed] if tail else [])
+        ends = [t if tail else t[..., :0, :] for t in self.tail]  # an empty end keeps the shape for no blocks
+        keys, values = (torch.cat([p[i] for p in parts] + [ends[i]], dim=-2) for i in (0, 1))
         index = self.index_keys[:, : self.length] if self.index_keys is not None else None
         info = CompactKV(listed, self.block_size, self.length, fetch=self.fetch, index_keys=index)
         return tag(keys, info), values
@@ -192,7 +211,10 @@ class TieredLayer(CacheLayerMixin):
                 "the pattern's key_intervals under-covers what it allows"
             )
         spilled = [b for b in blocks if b not in self.hot]
-        fetched = self.store.get_many(spilled, self.device) if spilled else {}
+        fetched = {b: tuple(t.to(self.device) for t in self.staged.pop(b)) for b in spilled if b in self.staged}
+        unread = [b for b in spilled if b not in fetched]
+        if unread:
+            fetched.update(self.store.get_many(unread, self.device))
         if promote:
             self.hot.update(fetched)
         for b in blocks:

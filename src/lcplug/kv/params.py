@@ -39,6 +39,9 @@ class SpillTierParams(DeviceTierParams):
         "placement policy (a `placement` plugin) ordering which hot blocks spill first: 'lru' (least recently "
         "read) or 'reads' (fewest reads; suits DSA), or any installed one",
     )
+    prefetch: bool = param(
+        True, "read the next dense layer's spilled blocks on a worker thread while the current layer computes"
+    )
     quantize: Quantize = param(
         "none",
         "how spilled blocks are stored: 'none' exactly, 'int8' (lossy, ~4x smaller than fp32) with per-channel "

@@ -29,6 +29,6 @@ class TieredKVPlugin(KVPlugin):
 
     def install(self, ctx: PatchContext) -> None:
         """Check the budget against the layers as attention left them (attention installs first), then install."""
-        settings = {k: v for k, v in self.params.to_dict().items() if k != "path"}
+        settings = {k: v for k, v in self.params.to_dict().items() if k not in ("path", "prefetch")}
         plan_layers(ctx.model, self.tier, **settings)
         super().install(ctx)

@@ -20,7 +20,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -194,8 +194,15 @@ def private_directory(parent: str | os.PathLike | None) -> Path:
     return directory
 
 
-def release(stores: list[HostStore | DiskStore | QuantizedStore], directory: Path | None) -> None:
-    """Close every store and remove the private directory (a finalizer: it must not reference the cache)."""
+def release(
+    stores: list[HostStore | DiskStore | QuantizedStore],
+    directory: Path | None,
+    workers: tuple[Any, ...] | list[Any] = (),
+) -> None:
+    """Stop read-ahead `workers` (anything with `close()`), close every store and remove the private
+    directory (a finalizer: it must not reference the cache)."""
+    for worker in workers:
+        worker.close()
     for store in stores:
         store.close()
     if directory is not None:

@@ -10,7 +10,7 @@ data: {...}                        # lcplug.data's section; its seq_len/batch_si
 stages:
   - name: warmup
     patch: {attention: "dsa:stage=sparse"}    # merged over the spec in force when the stage starts
-    train: all                     # all | lora | lora+ | gates | indexer | sinks
+    train: all                     # all | lora | lora+ | gates | indexer | sinks | latent | memory | compress | shared
     lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj]}
     losses: {lm: 1.0}              # lm plus the auxiliary losses the model's plugins offer
     steps: 100                     # exactly one of steps | tokens
@@ -53,7 +53,7 @@ from ..params import _coerce, _type_name
 
 T = TypeVar("T")
 
-TrainMode = Literal["all", "lora", "lora+", "gates", "indexer", "sinks"]
+TrainMode = Literal["all", "lora", "lora+", "gates", "indexer", "sinks", "latent", "memory", "compress", "shared"]
 LORA_MODES = ("lora", "lora+")
 
 

@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 
 from ..card import write_model_card
 from ..checkpoint import save_pretrained
+from ..cp import check_seq_len, cp_loss, cp_runtime, shard_batch, suspended
 from ..data.base import DataError
 from ..data.packing import model_inputs
 from ..data.pipeline import PackedLoader, dp_coordinates
+from ..errors import LcplugError
 from ..patching import patch_state
 from .losses import combine
 from .metrics import MetricsLog
@@ -54,6 +56,22 @@ def context_parallel(cp: CPConfig) -> dict[str, Any]:
         return {}
     check_cp_strategy(cp.strategy)
     return {"cp": {"name": cp.strategy, "degree": cp.degree}}
+
+
+def cp_inputs(model: nn.Module, batch: dict[str, Any], device: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """(this rank's batch, the model call, shifted labels) for one micro-batch.
+
+    Without active cp: the whole batch and the model's own loss (shifted labels None). With cp: the rank's
+    shard (zigzag for ring, as the plugin says), called without labels; the caller computes `cp_loss`,
+    the loss reduced by token count over the cp group and scaled so that DDP's gradient average over
+    all dp x cp ranks is the single-process gradient (see `lcplug.cp.loss`).
+    """
+    if cp_runtime(model) is None:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+        return batch, inputs, None
+    part = shard_batch(model, batch)
+    inputs = {"input_ids": part["input_ids"].to(device), "position_ids": part["position_ids"].to(device)}
+    return part, {**inputs, "use_cache": False}, part["shift_labels"].to(device)
 
 
 def train(
@@ -130,11 +148,13 @@ class Run:
         try:
             if self.checkpoint is not None:
                 self.restore_model(self.checkpoint)
+                self.check_cp()
             else:
                 # "base": the checkpoint as it came; "before": patched, not yet trained (training-free effect)
                 self.evaluate("base")
                 if spec:
                     apply_spec(self.trainee.model, spec, "patch")
+                    self.check_cp()
                     self.evaluate("before")
             if recipe.gradient_checkpointing:
                 self.trainee.model.activation_checkpointing_enable({"use_reentrant": False})
@@ -148,6 +168,17 @@ class Run:
             return self.finish(started, complete=True)
         finally:
             self.metrics.close()
+
+    def check_cp(self) -> None:
+        """Every stage's rows must split over the cp group in the layout its strategy shards with."""
+        runtime = cp_runtime(self.trainee.model)
+        if runtime is None:
+            return
+        for index, stage in enumerate(self.recipe.stages):
+            try:
+                check_seq_len(stage.seq_len, runtime.mesh.degree, runtime.layout)
+            except LcplugError as exc:
+                raise RecipeError(f"stages[{index}].seq_len: {exc}") from None
 
     def load_model(self, config: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -259,9 +290,11 @@ class Run:
                 batch = next(loader)
             except StopIteration:
                 raise RecipeError(f"stages[{index}]: the data ran out at step {stage_step}") from None
-            inputs = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+            batch, inputs, shift_labels = cp_inputs(model, batch, accelerator.device)
             with accelerator.accumulate(module):
                 outputs = module(**inputs)
+                if shift_labels is not None:
+                    outputs["loss"] = cp_loss(outputs.logits, shift_labels, cp_runtime(model).mesh.cp)
                 total, terms = combine(outputs, model, stage.losses, plan.aux)
                 accelerator.backward(total)
             values = [total, *(terms[name] for name in stage.losses)]
@@ -289,7 +322,8 @@ class Run:
         )
         self.metrics.log(row, self.step, stage=stage.name)
         if self.evaluator is not None and self.main:
-            self.evaluator.on_step(self.step, model, lambda m, s: self.metrics.log(m, s, stage=stage.name))
+            with suspended(model):
+                self.evaluator.on_step(self.step, model, lambda m, s: self.metrics.log(m, s, stage=stage.name))
         return row
 
     # ---- checkpoints, eval, outputs -----------------------------------------------------------------
@@ -342,7 +376,10 @@ class Run:
             return
         from ..eval import evaluate, metrics
 
-        result = evaluate(self.trainee.model, self.probes, tokenizer=self.tokenizer, haystack=self.haystack, label=when)
+        with suspended(self.trainee.model):  # rank 0 evaluates alone: no cp collectives
+            result = evaluate(
+                self.trainee.model, self.probes, tokenizer=self.tokenizer, haystack=self.haystack, label=when
+            )
         self.eval_results[when] = metrics(result)
         self.eval_reports.append(result)
         self.metrics.log(self.eval_results[when], self.step, stage=when)

@@ -2,9 +2,12 @@
 
 `train: all` trains every parameter; `lora` trains LoRA adapters only; `lora+` also the input
 embeddings and every normalisation layer, as LongLoRA found long-context adaptation needs;
-`gates` / `indexer` / `sinks` train one group the model's plugins offer (`Plugin.trainable_groups`:
-loza/duo gates, the dsa indexer, learnable attention sinks). Exactly the selected parameters require
-gradients afterwards, and a selection of nothing is an error naming the stage, never a silent no-op.
+`gates` / `indexer` / `sinks` / `latent` / `memory` / `compress` / `shared` train one group the model's plugins
+offer (`Plugin.trainable_groups`: loza/duo/hysparse gates, the dsa indexer, learnable attention sinks, mla's
+latent projections healing the conversion, engram's n-gram memory, the pooling weights of ksa/csa/hca/nsa,
+hysparse's sparse layers learning to read their full layer's shared K/V).
+Exactly the selected parameters require gradients afterwards, and a selection of nothing is an error
+naming the stage, never a silent no-op.
 
 The LoRA adapter is injected into the patched model in place (PEFT wraps it in a `PeftModel` for the
 forward pass and saving), once per run: later LoRA stages keep training it, other stages leave it frozen,

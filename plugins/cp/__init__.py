@@ -1,0 +1,1 @@
+"""First-party context-parallel strategies (ring, ulysses, allgather, hybrid)."""

@@ -1,0 +1,1 @@
+"""First-party memory plugins: additions to the residual stream (registered under the attention kind)."""
