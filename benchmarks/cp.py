@@ -4,7 +4,7 @@
     python benchmarks/cp.py --seq-len 4096 --worlds 1 2 --strategies ring ulysses
 
 Each measurement is a fresh group of processes (one thread each, gloo on localhost) running one training
-step of a tiny fp32 Llama (2 layers, hidden 64, 4 heads, 2 KV heads) on one packed row of the same total
+step of a small fp32 Llama (2 layers, hidden 256, 4 heads, 2 KV heads of 64) on one packed row of the same total
 length, sharded over the group. Columns per strategy and group size: the bytes each rank sent through
 `lcplug.cp.comm` (data collectives; the step-flag and loss all-reduces are left out), the planner's
 prediction for the same step (`lcplug.cp.planner`), the step's wall time (slowest rank), and each rank's
@@ -29,7 +29,8 @@ STRATEGIES = {
     "allgather": {"name": "allgather"},
     "hybrid": {"name": "hybrid", "ulysses": 2},
 }
-MODEL = {"num_hidden_layers": 2}
+MODEL = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
+"""Wide enough that a step's activations, which CP divides by P, outweigh fixed per-process buffers."""
 DATA_KINDS = ("send_recv", "all_to_all", "all_gather", "reduce_scatter")
 
 

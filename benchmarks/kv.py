@@ -29,7 +29,8 @@ from pathlib import Path
 from worker import run_worker
 
 VARIANTS = {
-    "dense": None,
+    "dense": None,  # the model as loaded: a tier can only hand it full-length K/V
+    "full": "full",  # the same attention through lcplug's dispatcher: spilled blocks are streamed
     "sliding-window": "sliding-window:window=2048,sinks=4,block_size=64",
     "dsa": "dsa:stage=sparse,topk=2048,block_size=64,heads=4,dim=16",
 }
@@ -225,7 +226,7 @@ def main() -> None:
             for length in args.lengths
             for variant in args.variants
             for tier in args.tiers
-            if variant != "dense" or length <= DENSE_MAX or args.fill == "synthetic"
+            if variant not in ("dense", "full") or length <= DENSE_MAX or args.fill == "synthetic"
         ]
     rows = []
     for variant, tier, length in runs:

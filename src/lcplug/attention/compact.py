@@ -106,11 +106,25 @@ def compact_layout(layout: BlockLayout, info: CompactKV, *, subset: bool = False
     lut = info.lookup(layout.kv_blocks.device)
     moved = torch.where(layout.kv_blocks >= 0, lut[layout.kv_blocks.clamp(min=0)], -1)
     missing = (layout.kv_blocks >= 0) & (moved < 0)
-    mask = layout.mask & (moved >= 0)[..., None, None] if subset else layout.mask  # a dropped slot reads nothing
-    if not subset and bool(missing.any()):
+    if subset:
+        moved, mask = _squeeze(moved, layout.mask)
+    elif bool(missing.any()):
         block = int(layout.kv_blocks[missing][0])
         raise RuntimeError(f"the layout reads key block {block}, which the compact K/V does not hold")
+    else:
+        mask = layout.mask
     return BlockLayout(layout.block_q, layout.block_k, layout.q_len, info.compact_length, moved, mask)
+
+
+def _squeeze(blocks: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the unused (-1) slots of block lists (B, G, NQ, K) and their token masks, keeping order, so an
+    executor's work is the blocks present, not the whole layout's width."""
+    present = blocks >= 0
+    width = max(int(present.sum(-1).max()), 1)
+    order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    kept = blocks.gather(-1, order)
+    picked = mask.gather(3, order[..., None, None].expand(*order.shape, *mask.shape[-2:]))
+    return kept, picked & (kept >= 0)[..., None, None]
 
 
 def full_kv(key: torch.Tensor, value: torch.Tensor, info: CompactKV) -> KV:

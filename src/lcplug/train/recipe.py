@@ -431,7 +431,7 @@ def check_cp_strategy(strategy: str) -> None:
         installed = (
             f"installed cp plugins: {', '.join(names)}; {did_you_mean(strategy, names)}"
             if names
-            else ("install one (context parallelism lands with issue 9) or set cp.degree: 1")
+            else "install a cp plugin (lcplug ships ring, ulysses, allgather, hybrid) or set cp.degree: 1"
         )
         raise RecipeError(f"cp.strategy {strategy!r}: no cp plugin installed by that name; {installed}")
 
