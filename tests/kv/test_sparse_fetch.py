@@ -112,3 +112,20 @@ def test_compact_keys_that_lose_their_tag_fail_loudly():
     with pytest.raises(RuntimeError, match="lost its block map"):
         compact_of(keys, 64)
     assert compact_of(keys, 10) is None
+
+
+def test_a_pattern_layer_without_compact_reads_gets_full_length_kv_with_zeros_where_it_never_looks():
+    from lcplug.attention import SlidingWindowPattern
+    from lcplug.attention.compact import LayerAccess
+    from lcplug.kv import TieredLayer
+
+    pattern = SlidingWindowPattern(window=40, sinks=2, block_size=8)
+    layer = TieredLayer(0, 8, LayerAccess(pattern=pattern, block_size=8, compact=False))
+    keys, values = torch.randn(1, 2, 100, 4), torch.randn(1, 2, 100, 4)
+    layer.update(keys[:, :, :99], values[:, :, :99], kwargs={"position_ids": torch.arange(99)[None]})
+    k, v = layer.update(keys[:, :, 99:], values[:, :, 99:], kwargs={"position_ids": torch.tensor([[99]])})
+    assert k.shape[-2] == 100 and compact_of(k, 100) is None  # full length, as the mask expects
+    read = torch.zeros(100, dtype=torch.bool)
+    read[:8] = read[56:] = True  # the sink block and blocks 7.. (window 60..99), block-aligned
+    assert torch.equal(k[..., read, :], keys[..., read, :]) and torch.equal(v[..., read, :], values[..., read, :])
+    assert not k[..., ~read, :].any() and not v[..., ~read, :].any()

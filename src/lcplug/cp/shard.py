@@ -141,13 +141,6 @@ class ShardMask(LazyMask):
         self.padding_mask = None
         self.cache: dict[Any, Any] = {}
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (self.batch_size, 1, self.q_length, self.kv_length)
-
-    def padding(self) -> None:
-        return None
-
     def native(self, impl: str) -> Any:
         raise NotImplementedError("a cp shard's mask has no native form: cp layers run lcplug's executors")
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..attention.compact import CompactKV, LayerAccess, tag
+from ..attention.compact import CompactKV, LayerAccess, compact_of, expand, tag
 from ..attention.pattern import Pattern
 from .errors import KVCacheError
 from .needs import FUTURE, blocks_needed
@@ -83,16 +83,15 @@ class TieredLayer(CacheLayerMixin):
         elif self.pattern is None and self.access.compact:
             keys, values = self.fetch(sorted(self.hot))  # the layer streams the spilled blocks it reads
         elif self.pattern is None or positions is None:
-            keys, values = self._gather(range(self.sealed), dense=True)
+            keys, values = self._gather()
         else:
             shift = (start + positions.shape[-1] - 1) - positions[:, -1].long()
             needed = blocks_needed(
                 self.pattern, positions.amin(-1), positions.amax(-1), shift, self.block_size, self.sealed
             )
-            if self.access.compact:
-                keys, values = self.fetch(needed)
-            else:
-                keys, values = self._gather(needed, dense=len(needed) == self.sealed)
+            keys, values = self.fetch(needed)
+            if not self.access.compact:  # an attention that reads full-length K/V: zeros where it never looks
+                keys, values = expand(keys, values, compact_of(keys, None))
             self._retain(positions[:, -1] + 1, shift)
         self._place()
         return keys, values
@@ -235,22 +234,10 @@ class TieredLayer(CacheLayerMixin):
             self.index_keys = grown
         self.index_keys[:, used : self.length] = new
 
-    def _gather(self, blocks: range | list[int], *, dense: bool) -> KV:
-        """Full-length K/V with `blocks` and the tail filled; other slots zero (only when not `dense`)."""
-        blocks = list(blocks)
-        parts = self._blocks(blocks)
-        if dense:
-            return tuple(torch.cat([p[i] for p in parts] + [self.tail[i]], dim=-2) for i in (0, 1))
-        tail_k = self.tail[0]
-        shape = (*tail_k.shape[:-2], self.length, tail_k.shape[-1])
-        out = (tail_k.new_zeros(shape), tail_k.new_zeros(shape))
-        bs = self.block_size
-        for b, part in zip(blocks, parts):
-            for i in (0, 1):
-                out[i][..., b * bs : (b + 1) * bs, :] = part[i]
-        for i in (0, 1):
-            out[i][..., self.sealed * bs :, :] = self.tail[i]
-        return out
+    def _gather(self) -> KV:
+        """Full-length K/V: every sealed block (spilled ones read back) and the tail."""
+        parts = self._blocks(list(range(self.sealed)))
+        return tuple(torch.cat([p[i] for p in parts] + [self.tail[i]], dim=-2) for i in (0, 1))
 
     def _retain(self, next_pos: torch.Tensor, shift: torch.Tensor) -> None:
         """Drop the hot blocks no query at a position >= `next_pos` can read (pattern layers)."""
