@@ -43,7 +43,8 @@ def test_a_rank_with_every_token_masked_gives_no_nan(results):
 def test_the_byte_counter_sees_each_ring_transfer(results):
     """Causal attention over contiguous shards: rank r needs ranks <= r, so the ring runs world steps, each
     layer passing its K/V shard (2 x B 2 x 2 KV heads x 64/world tokens x 16 dims x 4 bytes) on world - 1
-    times forward and sending each gradient back once more in backward."""
+    times forward; backward passes the shards round again (no rank keeps them) and sends each step's dK/dV
+    back to its owner."""
     world, per_rank = results
     shard = 2 * 2 * 2 * (64 // world) * 16 * 4
     layers = 2
@@ -51,6 +52,7 @@ def test_the_byte_counter_sees_each_ring_transfer(results):
         counted = rows["masked-rank"]["bytes"]
         assert counted["forward"]["send_recv"]["sent"] == layers * (world - 1) * shard
         assert counted["forward"]["send_recv"]["received"] == layers * (world - 1) * shard
-        assert counted["step"]["send_recv"]["sent"] == 2 * layers * (world - 1) * shard
+        assert counted["step"]["send_recv"]["sent"] == 3 * layers * (world - 1) * shard
+        assert counted["step"]["send_recv"]["received"] == 3 * layers * (world - 1) * shard
         assert counted["forward"]["all_gather"]["calls"] == 2  # the shape handshake and the position ids
         assert counted["forward"]["all_reduce"]["calls"] == 1  # ring steps, shared by both layers

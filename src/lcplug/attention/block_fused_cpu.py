@@ -120,20 +120,53 @@ def _unfold_q(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 def block_attention(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, step: int, sink=None):
-    """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); blocks (B, U, NQ, K) and bias (B, U, NQ, BQ, K*BK)
-    from the layout; sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
+    """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); blocks (B, U, NQ, K) from the layout and `bias(dtype)`
+    its additive mask (B, U, NQ, BQ, K*BK), built only if no band takes over (it is O(kept pairs));
+    sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
+    q, k, v = _inputs(q, k, v)
+    return _Fused.apply(q, k, v, sink, _plan(layout, blocks, bias, q.dtype), scaling, step)
+
+
+def partial_forward(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, step: int):
+    """`block_attention` without autograd and without sinks: (out, lse (B, U, P, NQ, BQ), -inf where no key).
+
+    For callers that merge results over several key sets themselves (ring attention) and hand the merged
+    output and log-sum-exp to `partial_backward`.
+    """
+    q, k, v = _inputs(q, k, v)
+    return forward(q, k, v, _plan(layout, blocks, bias, q.dtype), scaling, step)
+
+
+def partial_backward(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, step: int, grad_out, out, total):
+    """Gradients (dq, dk, dv) of these keys' share of an attention whose *final* output is `out` and whose
+    final log-sum-exp (over every key set, sinks included) is `total`: exact, as in one fused pass."""
+    q, k, v = _inputs(q, k, v)
+    dq, dk, dv = backward(
+        q, k, v, _plan(layout, blocks, bias, q.dtype), scaling, step, grad_out, out.to(q.dtype), total
+    )
+    return dq, dk, dv
+
+
+def _inputs(q, k, v):
     q, k, v = _autocast(q, k, v)
-    k, v = k.contiguous(), v.contiguous()  # the band's overlapping view assumes contiguous blocks (a model's V
-    # arrives transposed from its projection: (B, L, H, D) memory seen as (B, H, L, D))
+    # the band's overlapping view assumes contiguous blocks (a model's V arrives transposed from its
+    # projection: (B, L, H, D) memory seen as (B, H, L, D))
+    return q, k.contiguous(), v.contiguous()
+
+
+def _plan(layout: BlockLayout, blocks, bias, dtype):
+    """(blocks, bias, used slots per query block, band): what `_parts` cuts each chunk with; `bias(dtype)`
+    gives the layout's whole bias, needed only without a band (the band has its own, smaller one)."""
     units = blocks.shape[1]
     band = layout.band() if layout.groups == 1 else None
     if band is not None:
         blocks = _expand_units(band.rest_blocks.clamp(min=0), units)
-        bias = _expand_units(band.rest_bias(q.dtype), units)
+        bias = _expand_units(band.rest_bias(dtype), units)
         used = band.rest_used()
     else:
+        bias = bias(dtype)
         used = (layout.kv_blocks >= 0).sum(-1).amax(dim=(0, 1)).tolist()
-    return _Fused.apply(q, k, v, sink, (blocks, bias, used, band), scaling, step)
+    return blocks, bias, used, band
 
 
 def _autocast(q, k, v):
@@ -151,36 +184,62 @@ def _expand_units(x: torch.Tensor, units: int) -> torch.Tensor:
     return x.expand(-1, units, *x.shape[2:])
 
 
+def forward(q, k, v, plan, scaling: float, step: int):
+    """(out, lse) of q over the plan's key blocks, chunk by chunk, parts merged through their lse."""
+    b, u, p, nq, bq, d = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(b, u, p, nq, bq, dtype=torch.float32)
+    for c0, c1 in _chunks(nq, step, plan[3]):
+        q2 = _fold_q(q, c0, c1)
+        shape = (b, u, p, c1 - c0, bq, d)
+        acc, acc_lse = None, None
+        for part in _parts(k, v, plan, c0, c1, p):
+            bias = None if part.bias is None else part.bias.to(q.dtype)
+            o, part_lse = _FWD(q2, part.k2, part.v2, attn_mask=bias, scale=scaling)
+            o, part_lse = _unfold_q(o, shape), _unfold_q(part_lse.float(), shape)
+            if acc is None:
+                acc, acc_lse = o.float(), part_lse
+            else:
+                new = torch.logaddexp(acc_lse, part_lse)
+                acc = acc * _weight(acc_lse, new)[..., None] + o.float() * _weight(part_lse, new)[..., None]
+                acc_lse = new
+        out[:, :, :, c0:c1] = acc.to(q.dtype)
+        lse[:, :, :, c0:c1] = acc_lse
+    return out, lse
+
+
+def backward(q, k, v, plan, scaling: float, step: int, grad_out, out, total):
+    """(dq, dk, dv) given the final output and log-sum-exp: the fused backward per part recomputes
+    P = exp(S - total), so parts of one softmax computed apart get exact gradients."""
+    b, u, p, nq, bq, d = q.shape
+    bk = k.shape[3]
+    # +inf for rows that see nothing makes their P 0
+    total = total.masked_fill(~torch.isfinite(total), float("inf"))
+    grad_out = grad_out.contiguous()
+    dq = torch.zeros_like(q)
+    dk = torch.zeros(k.numel() // (bk * d), bk * d, dtype=k.dtype)
+    dv = torch.zeros_like(dk)
+    for c0, c1 in _chunks(nq, step, plan[3]):
+        q2, go2, o2 = (_fold_q(t, c0, c1) for t in (q, grad_out, out))
+        l2 = total[:, :, :, c0:c1].permute(0, 1, 3, 2, 4).reshape(b * u, c1 - c0, p * bq)
+        for part in _parts(k, v, plan, c0, c1, p):
+            bias = None if part.bias is None else part.bias.to(q.dtype)
+            gq, gk, gv = _BWD(go2, q2, part.k2, part.v2, o2, l2, 0.0, False, attn_mask=bias, scale=scaling)
+            dq[:, :, :, c0:c1] += _unfold_q(gq, (b, u, p, c1 - c0, bq, d))
+            part.add_grad(gk, dk, k.shape[2])
+            part.add_grad(gv, dv, k.shape[2])
+    return dq, dk.view_as(k), dv.view_as(v)
+
+
 class _Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sink, plan, scaling: float, step: int):
-        b, u, p, nq, bq, d = q.shape
-        out = torch.empty_like(q)
-        lse = torch.empty(b, u, p, nq, bq, dtype=torch.float32)
-        band = plan[3]
-        for c0, c1 in _chunks(nq, step, band):
-            q2 = _fold_q(q, c0, c1)
-            shape = (b, u, p, c1 - c0, bq, d)
-            acc, acc_lse = None, None
-            for part in _parts(k, v, plan, c0, c1, p):
-                bias = None if part.bias is None else part.bias.to(q.dtype)
-                o, part_lse = _FWD(q2, part.k2, part.v2, attn_mask=bias, scale=scaling)
-                o, part_lse = _unfold_q(o, shape), _unfold_q(part_lse.float(), shape)
-                if acc is None:
-                    acc, acc_lse = o.float(), part_lse
-                else:
-                    new = torch.logaddexp(acc_lse, part_lse)
-                    acc = acc * _weight(acc_lse, new)[..., None] + o.float() * _weight(part_lse, new)[..., None]
-                    acc_lse = new
-            out[:, :, :, c0:c1] = acc.to(q.dtype)
-            lse[:, :, :, c0:c1] = acc_lse
+        out, lse = forward(q, k, v, plan, scaling, step)
         if sink is not None:
             total = torch.logaddexp(lse, sink.float())
             out = out * _weight(lse, total).to(out.dtype)[..., None]
         else:
             total = lse
-        # the backward recomputes P = exp(S - total): +inf for rows that see nothing makes their P 0
-        total = total.masked_fill(~torch.isfinite(total), float("inf"))
         ctx.save_for_backward(q, k, v, sink, out, total)
         ctx.plan, ctx.scaling, ctx.step = plan, scaling, step
         return out
@@ -188,26 +247,13 @@ class _Fused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, sink, out, total = ctx.saved_tensors
-        b, u, p, nq, bq, d = q.shape
-        bk = k.shape[3]
-        grad_out = grad_out.contiguous()
-        dq = torch.zeros_like(q)
-        dk = torch.zeros(k.numel() // (bk * d), bk * d, dtype=k.dtype)
-        dv = torch.zeros_like(dk)
-        for c0, c1 in _chunks(nq, ctx.step, ctx.plan[3]):
-            q2, go2, o2 = (_fold_q(t, c0, c1) for t in (q, grad_out, out))
-            l2 = total[:, :, :, c0:c1].permute(0, 1, 3, 2, 4).reshape(b * u, c1 - c0, p * bq)
-            for part in _parts(k, v, ctx.plan, c0, c1, p):
-                bias = None if part.bias is None else part.bias.to(q.dtype)
-                gq, gk, gv = _BWD(go2, q2, part.k2, part.v2, o2, l2, 0.0, False, attn_mask=bias, scale=ctx.scaling)
-                dq[:, :, :, c0:c1] += _unfold_q(gq, (b, u, p, c1 - c0, bq, d))
-                part.add_grad(gk, dk, k.shape[2])
-                part.add_grad(gv, dv, k.shape[2])
+        dq, dk, dv = backward(q, k, v, ctx.plan, ctx.scaling, ctx.step, grad_out, out, total)
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
             delta = (grad_out.float() * out.float()).sum(-1)  # (B, U, P, NQ, BQ)
-            dsink = -(delta * torch.exp(sink.float() - total)).sum(dim=(0, 3, 4), keepdim=True).to(sink.dtype)
-        return dq, dk.view_as(k), dv.view_as(v), dsink, None, None, None
+            finite = total.masked_fill(~torch.isfinite(total), float("inf"))
+            dsink = -(delta * torch.exp(sink.float() - finite)).sum(dim=(0, 3, 4), keepdim=True).to(sink.dtype)
+        return dq, dk, dv, dsink, None, None, None
 
 
 def _weight(part_lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

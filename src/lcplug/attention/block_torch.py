@@ -22,6 +22,55 @@ CHUNK_ELEMENTS = 1 << 24
 """Score elements per chunk (64 MiB in fp32): bounds peak memory whatever the sequence length."""
 
 
+class _Setup:
+    """A layout's execution geometry for one call: query/key/value cut into blocks per *unit* (a KV head, or a
+    query head when a head-dependent layout splits a KV group), each unit's kept key blocks, chunk size."""
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout):
+        b, h, lq, d = query.shape
+        hkv = key.shape[1]
+        g = layout.groups
+        bq, bk = layout.block_q, layout.block_k
+        nq, kmax = layout.num_q_blocks, layout.kv_blocks.shape[-1]
+        if hkv % g == 0:  # each KV head's query heads share one layout group: gather per KV head
+            units, per_unit = hkv, h // hkv
+            self.unit_group = torch.arange(hkv, device=query.device) // (hkv // g)
+        else:  # a head-dependent layout splits a KV group: gather per query head
+            units, per_unit = h, 1
+            key = key.repeat_interleave(h // hkv, dim=1)
+            value = value.repeat_interleave(h // hkv, dim=1)
+            self.unit_group = torch.arange(h, device=query.device) // (h // g)
+        self.shape, self.units, self.per_unit, self.kv_repeat = (b, h, lq, d), units, per_unit, units // hkv
+        self.layout, self.nkb, self.lkv = layout, (key.shape[2] + bk - 1) // bk, key.shape[2]
+        self.q = _pad(query, nq * bq).view(b, units, per_unit, nq, bq, d)
+        self.k = _pad(key, self.nkb * bk).view(b, units, self.nkb, bk, d)
+        self.v = _pad(value, self.nkb * bk).view(b, units, self.nkb, bk, d)
+        self.idx = self.per_unit_view(layout.kv_blocks).clamp(min=0)  # (B, U, NQ, K)
+        self.step = max(1, CHUNK_ELEMENTS // max(1, b * h * bq * kmax * bk))
+
+    def per_unit_view(self, x: torch.Tensor) -> torch.Tensor:
+        return _per_unit(x, self.unit_group, self.units)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The layout's additive mask per unit (B, U, NQ, BQ, K*BK)."""
+        return self.per_unit_view(self.layout.bias(dtype))
+
+    def unblock_q(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, U, P, NQ, BQ, ...) -> (B, H, Lq, ...)."""
+        b, h, lq, _ = self.shape
+        return x.reshape(b, h, -1, *x.shape[5:])[:, :, :lq]
+
+    def block_q(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, Lq, E) -> (B, U, P, NQ, BQ, E), blocked like the query."""
+        return _pad(x, self.q.shape[3] * self.q.shape[4]).view(*self.q.shape[:-1], x.shape[-1])
+
+    def unblock_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, U, NKB, BK, D) gradients -> (B, Hkv, Lkv, D), summed over replicated KV heads."""
+        b, _, _, _, d = x.shape
+        x = x.reshape(b, self.units, -1, d)[:, :, : self.lkv]
+        return x.view(b, -1, self.kv_repeat, self.lkv, d).sum(2) if self.kv_repeat > 1 else x
+
+
 def block_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -37,46 +86,119 @@ def block_attention(
 
     Returns (B, Lq, H, D), the layout transformers' attention functions return; with `return_lse` also
     the log-sum-exp of each query's scores (B, H, Lq), -inf where no key is allowed, so that partial
-    results over disjoint key sets merge exactly (context parallelism).
+    results over disjoint key sets merge exactly (with autograd through both; `partial_attention` is the
+    cheaper split form for callers that run their own backward).
     """
-    b, h, lq, d = query.shape
-    hkv = key.shape[1]
-    g = layout.groups
-    bq, bk = layout.block_q, layout.block_k
-    nq, kmax = layout.num_q_blocks, layout.kv_blocks.shape[-1]
-    if hkv % g == 0:  # each KV head's query heads share one layout group: gather per KV head
-        units, per_unit = hkv, h // hkv
-        unit_group = torch.arange(hkv, device=query.device) // (hkv // g)
-    else:  # a head-dependent layout splits a KV group: gather per query head
-        units, per_unit = h, 1
-        key = key.repeat_interleave(h // hkv, dim=1)
-        value = value.repeat_interleave(h // hkv, dim=1)
-        unit_group = torch.arange(h, device=query.device) // (h // g)
-    nkb = (key.shape[2] + bk - 1) // bk
-    q = _pad(query, nq * bq).view(b, units, per_unit, nq, bq, d)
-    k = _pad(key, nkb * bk).view(b, units, nkb, bk, d)
-    v = _pad(value, nkb * bk).view(b, units, nkb, bk, d)
-    idx = _per_unit(layout.kv_blocks, unit_group, units).clamp(min=0)  # (B, U, NQ, K)
-    step = max(1, CHUNK_ELEMENTS // max(1, b * h * bq * kmax * bk))
+    s = _Setup(query, key, value, layout)
     if block_fused_cpu.available(query, softcap) and not return_lse:
-        sink = None if sink_logit is None else sink_logit.view(1, units, per_unit, 1, 1)
-        bias = _per_unit(layout.bias(query.dtype), unit_group, units)
-        out = block_fused_cpu.block_attention(q, k, v, layout, idx, bias, scaling, step, sink)
-        return out.reshape(b, h, nq * bq, d)[:, :, :lq].transpose(1, 2).contiguous()
-    allowed = _per_unit(layout.mask, unit_group, units)  # (B, U, NQ, K, BQ, BK)
-    sink = None if sink_logit is None else sink_logit.float().view(1, units, per_unit, 1, 1, 1)
+        sink = None if sink_logit is None else sink_logit.view(1, s.units, s.per_unit, 1, 1)
+        out = block_fused_cpu.block_attention(s.q, s.k, s.v, layout, s.idx, s.bias, scaling, s.step, sink)
+        return s.unblock_q(out).transpose(1, 2).contiguous()
+    allowed = s.per_unit_view(layout.mask)  # (B, U, NQ, K, BQ, BK)
+    sink = None if sink_logit is None else sink_logit.float().view(1, s.units, s.per_unit, 1, 1, 1)
     outs = []
-    for c0 in range(0, nq, step):
-        c1 = min(nq, c0 + step)
-        args = (q[:, :, :, c0:c1], k, v, idx[:, :, c0:c1], allowed[:, :, c0:c1], sink)
+    for c0 in range(0, layout.num_q_blocks, s.step):
+        c1 = min(layout.num_q_blocks, c0 + s.step)
+        args = (s.q[:, :, :, c0:c1], s.k, s.v, s.idx[:, :, c0:c1], allowed[:, :, c0:c1], sink)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value) if t is not None):
             outs.append(checkpoint(_chunk, *args, scaling, softcap, use_reentrant=False))
         else:
             outs.append(_chunk(*args, scaling, softcap))
-    out = torch.cat([o for o, _ in outs], dim=3).reshape(b, h, nq * bq, d)[:, :, :lq].transpose(1, 2).contiguous()
+    out = s.unblock_q(torch.cat([o for o, _ in outs], dim=3)).transpose(1, 2).contiguous()
     if not return_lse:
         return out
-    return out, torch.cat([lse for _, lse in outs], dim=3).reshape(b, h, nq * bq)[:, :, :lq]
+    return out, s.unblock_q(torch.cat([lse for _, lse in outs], dim=3))
+
+
+def partial_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout, scaling: float, softcap=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward half of split block attention, no autograd: (out (B, H, Lq, D), lse (B, H, Lq), -inf where no key).
+
+    Ring attention computes one softmax over key sets that arrive one at a time and leave again; keeping each
+    set for autograd would keep every rank's keys. Instead it merges these partial results itself and, in its
+    own backward, calls `partial_attention_backward` per key set with the *merged* output and log-sum-exp.
+    """
+    s = _Setup(query, key, value, layout)
+    with torch.no_grad():
+        if block_fused_cpu.available(query, softcap):
+            out, lse = block_fused_cpu.partial_forward(s.q, s.k, s.v, layout, s.idx, s.bias, scaling, s.step)
+            seen = s.per_unit_view(layout.mask.any(dim=(3, 5)))[:, :, None]  # (B, U, 1, NQ, BQ)
+            return s.unblock_q(out), s.unblock_q(lse.masked_fill(~seen, float("-inf")))  # the kernel says 0
+        allowed = s.per_unit_view(layout.mask)
+        outs = [
+            _chunk(s.q[:, :, :, c0:c1], s.k, s.v, s.idx[:, :, c0:c1], allowed[:, :, c0:c1], None, scaling, softcap)
+            for c0 in range(0, layout.num_q_blocks, s.step)
+            for c1 in [min(layout.num_q_blocks, c0 + s.step)]
+        ]
+        out = torch.cat([o for o, _ in outs], dim=3)
+        return s.unblock_q(out), s.unblock_q(torch.cat([lse for _, lse in outs], dim=3))
+
+
+def partial_attention_backward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: BlockLayout,
+    scaling: float,
+    softcap: float | None,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward half: (dq, dk, dv) of these keys' share of an attention whose final output is `out` (B, H, Lq, D)
+    with gradient `grad_out` and whose final log-sum-exp over every key set (and sink) is `lse` (B, H, Lq).
+
+    With P = exp(S - lse) restricted to this layout, dS = P * (dO V^T - rowsum(dO * out)): the same formula
+    one pass over all keys would use, so the per-set gradients add up to the exact ones.
+    """
+    s = _Setup(query, key, value, layout)
+    go, o, total = s.block_q(grad_out), s.block_q(out), s.block_q(lse[..., None])[..., 0]
+    with torch.no_grad():
+        if block_fused_cpu.available(query, softcap):
+            dq, dk, dv = block_fused_cpu.partial_backward(
+                s.q, s.k, s.v, layout, s.idx, s.bias, scaling, s.step, go, o, total
+            )
+        else:
+            dq, dk, dv = _portable_backward(s, go, o, total, scaling, softcap)
+    return s.unblock_q(dq).to(query.dtype), s.unblock_kv(dk).to(key.dtype), s.unblock_kv(dv).to(value.dtype)
+
+
+def _portable_backward(s: _Setup, go, o, total, scaling: float, softcap: float | None):
+    """`partial_attention_backward` in plain torch ops, chunk by chunk (any device, soft-capping)."""
+    allowed = s.per_unit_view(s.layout.mask)
+    b, units = s.q.shape[:2]
+    bi = torch.arange(b, device=s.q.device).view(b, 1, 1, 1)
+    ui = torch.arange(units, device=s.q.device).view(1, units, 1, 1)
+    total = total.masked_fill(~torch.isfinite(total), float("inf"))  # rows that see nothing: P = 0
+    dq = torch.zeros_like(s.q)
+    dk = torch.zeros_like(s.k)
+    dv = torch.zeros_like(s.v)
+    nq, bk, d = s.layout.num_q_blocks, s.k.shape[3], s.k.shape[4]
+    for c0 in range(0, nq, s.step):
+        c1 = min(nq, c0 + s.step)
+        q, idx = s.q[:, :, :, c0:c1], s.idx[:, :, c0:c1]
+        nc, kmax, bq = c1 - c0, idx.shape[-1], q.shape[4]
+        kg = s.k[bi, ui, idx].reshape(b, units, 1, nc, kmax * bk, d)
+        vg = s.v[bi, ui, idx].reshape(b, units, 1, nc, kmax * bk, d)
+        scores = torch.matmul(q, kg.transpose(-1, -2)).float() * scaling
+        if softcap is not None:
+            capped = torch.tanh(scores / softcap)
+            scores = capped * softcap
+        keep = allowed[:, :, c0:c1].permute(0, 1, 2, 4, 3, 5).reshape(b, units, 1, nc, bq, kmax * bk)
+        probs = torch.exp(scores - total[:, :, :, c0:c1, :, None]).masked_fill(~keep, 0.0)
+        g, oc = go[:, :, :, c0:c1].float(), o[:, :, :, c0:c1].float()
+        dvg = torch.matmul(probs.transpose(-1, -2), g).sum(2)  # (B, U, nc, K*BK, D)
+        delta = (g * oc).sum(-1, keepdim=True)
+        ds = probs * (torch.matmul(g, vg.float().transpose(-1, -2)) - delta)
+        if softcap is not None:
+            ds = ds * (1 - capped**2)
+        ds = ds * scaling
+        dq[:, :, :, c0:c1] = torch.matmul(ds, kg.float()).to(dq.dtype)
+        dkg = torch.matmul(ds.transpose(-1, -2), q.float()).sum(2)
+        dk.index_put_((bi, ui, idx), dkg.view(b, units, nc, kmax, bk, d).to(dk.dtype), accumulate=True)
+        dv.index_put_((bi, ui, idx), dvg.view(b, units, nc, kmax, bk, d).to(dv.dtype), accumulate=True)
+    return dq, dk, dv
 
 
 def _chunk(q, k, v, idx, allowed, sink, scaling: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:

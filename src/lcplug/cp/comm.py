@@ -4,7 +4,8 @@ Every byte a context-parallel strategy moves goes through a `Comm`: it runs the 
 `torch.distributed` collective, adds what this rank sent and received to a `CommStats` (per collective
 kind), and turns a failure (a dead rank, a timeout) into a `CPCommError` that says which group and what
 to check. The autograd Functions here give each collective its adjoint: all-gather <-> reduce-scatter,
-all-to-all <-> the inverse all-to-all, a ring shift to the next rank <-> a shift to the previous one.
+all-to-all <-> the inverse all-to-all. Ring exchanges (`Comm.exchange`) have no autograd of their own:
+ring attention runs its backward itself (`lcplug.cp.attend.KeySetAttention`).
 
 Byte accounting is per rank and logical (what the algorithm must move, not what a backend's wire
 protocol adds): all-gather and reduce-scatter of an n-byte shard count n (P-1) each way, an all-to-all
@@ -162,27 +163,6 @@ class _AllToAll(torch.autograd.Function):
         return ctx.comm.all_to_all(grad), None
 
 
-class _RingShift(torch.autograd.Function):
-    """Send to rank + 1, receive from rank - 1, asynchronously: the result is filled once `waits[-1]()` ran.
-
-    Backward sends the gradient back the other way (synchronously: it is needed right away).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, waits: list) -> torch.Tensor:
-        ctx.comm = comm
-        out = torch.empty_like(x)
-        waits.append(comm.exchange(x, (comm.rank + 1) % comm.size, out, (comm.rank - 1) % comm.size))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        comm = ctx.comm
-        back = torch.empty_like(grad)
-        comm.exchange(grad, (comm.rank - 1) % comm.size, back, (comm.rank + 1) % comm.size)()
-        return back, None, None
-
-
 def all_gather(x: torch.Tensor, comm: Comm) -> torch.Tensor:
     """Differentiable all-gather: (P, *x.shape); gradients are reduce-scattered back to their owners."""
     return _AllGather.apply(x, comm)
@@ -191,13 +171,3 @@ def all_gather(x: torch.Tensor, comm: Comm) -> torch.Tensor:
 def all_to_all(x: torch.Tensor, comm: Comm) -> torch.Tensor:
     """Differentiable all-to-all of x (P, ...)."""
     return _AllToAll.apply(x, comm)
-
-
-def ring_shift(x: torch.Tensor, comm: Comm) -> tuple[torch.Tensor, Callable[[], None]]:
-    """Start passing `x` one rank on around the ring; returns the (not yet filled) result and its `wait`.
-
-    Compute that does not need the result may run before `wait()`: the transfer overlaps it.
-    """
-    waits: list = []
-    out = _RingShift.apply(x, comm, waits)
-    return out, waits[0]

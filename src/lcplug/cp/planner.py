@@ -13,7 +13,9 @@ and GPU, forward, with N tokens, P ranks, B rows, b bytes per element, d = H dh,
 
 - ring (u = 1): (s - 1) transfers of the rank's K/V shard, 2 B (N/P) d_kv b each, s the ring steps some
   rank needs; s = P for causal attention: 2 B N d_kv b (P-1)/P ("Ring ~2N*dkv"). A pattern that needs
-  fewer steps moves fewer bytes (a sliding window over contiguous shards: s = 2). Backward sends as much.
+  fewer steps moves fewer bytes (a sliding window over contiguous shards: s = 2). Backward sends twice
+  that: the shards come round again (no rank keeps another's K/V) and each step's dK/dV goes back to its
+  owner.
 - Ulysses (u = P): two all-to-alls, B (N/P)(2d + 2 d_kv') b (P-1)/P ("Ulysses ~(N/P)(2d+2dkv)(P-1)/P"),
   d_kv' = max(H_kv, P) dh: with more ranks than KV heads the KV heads are replicated first.
   Valid when P divides H and P divides or is a multiple of H_kv (`HeadsThenRing.check_heads`).
@@ -28,7 +30,8 @@ GPU's NIC (inter-node bandwidth), the rest over NVLink, concurrently; a ring ste
 inter-node bandwidth. Attention costs 4 dh FLOPs per kept (query, key) pair and head forward, 2.5x that
 backward; the linear layers 2 FLOPs per parameter and token forward, twice that backward; all at the
 topology's sustained TFLOP/s. The ring's forward transfer of step s+1 overlaps step s's attention (as the
-strategy does); its backward sends dK/dV synchronously and the all-to-alls and gathers sit between
+strategy does); its backward's transfers (the K/V again, dK/dV back to their owners) are counted as
+exposed, a bound (lcplug overlaps them with the next step), and the all-to-alls and gathers sit between
 compute, so that time is exposed. Gradient checkpointing recomputes each layer's forward, communication
 included. Not modelled: FSDP/data-parallel traffic, latency per message, kernel efficiency by block
 size, document masks (one document per row), and uneven selections of content-selected layers.
@@ -383,7 +386,8 @@ def _ring_link(ring: int, ulysses: int, topology: Topology) -> float:
 @dataclass(frozen=True)
 class LayerVolume:
     """Bytes one rank sends (and receives) for one branch of one layer, by collective, and the ring's
-    schedule; the backward moves the same but for the selection (computed without gradient)."""
+    schedule; the backward moves the same but for the selection (computed without gradient) and the ring
+    twice (K/V again, then dK/dV)."""
 
     selection: float
     all_to_all: float
@@ -397,7 +401,7 @@ class LayerVolume:
 
     @property
     def backward(self) -> float:
-        return self.all_to_all + self.ring + self.gather
+        return self.all_to_all + 2 * self.ring + self.gather
 
 
 def layer_volume(plan: StrategyPlan, branch: Branch, dims: memory.Dims, job: Job, degree: int) -> LayerVolume:
@@ -445,10 +449,10 @@ def branch_cost(
     steps = [schedule.step_pairs(s) * per_pair for s in range(schedule.steps)]
     ring_time = sum(max(c, transfer) for c in steps[:-1]) + steps[-1]
     ring = transfer * (schedule.steps - 1)
-    held = shard * (schedule.steps - 1) + kv_shard_bytes(job, p, kv_heads - dims.kv_heads, dims.head_dim)
+    held = kv_shard_bytes(job, p, kv_heads - dims.kv_heads, dims.head_dim)  # replicated KV heads only
     return BranchCost(
         comm_forward=selection + a2a + ring,
-        comm_backward=a2a + ring,
+        comm_backward=a2a + 2 * ring,
         exposed_forward=selection + a2a + ring_time - sum(steps),
         attention=schedule.busiest * per_pair,
         held=held,
@@ -488,8 +492,8 @@ def _estimate(plan: StrategyPlan, shape: ModelShape, job: Job, topology: Topolog
 def _memory(shape: ModelShape, job: Job, topology: Topology, held: float) -> dict[str, float]:
     """GiB per GPU: `memory.estimate`'s terms for this rank's N/P tokens (states sharded over all GPUs in
     training; whole bf16 weights, one layer's activations and nothing else for a forward pass), plus `kv`:
-    the K/V a layer holds beyond its own shard (received ring shards, the gathered sequence, replicated KV
-    heads), kept for backward by every layer without checkpointing, by one with it."""
+    the K/V a layer holds beyond its own shard (the gathered sequence, replicated KV heads; a ring keeps no
+    received shard), kept for backward by every layer without checkpointing, by one with it."""
     d = shape.dims
     tokens = job.batch * job.seq_len // topology.gpus
     precision = memory.Precision.of("bfloat16", "bf16")

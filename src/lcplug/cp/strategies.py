@@ -5,21 +5,22 @@
   each step's transfer overlapping the previous step's compute. u = 1 is ring attention, u = degree is
   DeepSpeed-Ulysses, anything between is the hybrid (USP; Megatron's a2a+p2p). A ring runs only as many
   steps as the furthest key span any rank's queries need (a sliding window over contiguous shards: one),
-  and a step computes only the key blocks its queries keep.
+  and a step computes only the key blocks its queries keep. No rank keeps another's K/V for backward:
+  the backward passes the shards round again and sends dK/dV back to their owners (`RingSets`).
 - `AllGatherKV`: all-gather K/V, attend locally; the backward reduce-scatters dK/dV (Llama 3's CP).
 
 Every strategy takes a `Rule` and returns this rank's (B, L_local, H, D) output, so any pattern runs
-under any strategy; all data movement goes through `lcplug.cp.comm` (counted, differentiable).
+under any strategy; all data movement goes through `lcplug.cp.comm` (counted), and all attention through
+`lcplug.cp.attend.key_set_attention` (one autograd node per layer and rule).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..attention.merge import merge_partials
 from ..positions import ShardLayout
-from .attend import finish, needs, span_attention
-from .comm import Comm, all_gather, all_to_all, ring_shift
+from .attend import key_set_attention, needs, span_backward, span_forward
+from .comm import Comm, all_gather, all_to_all
 from .errors import CPConfigError
 from .mesh import CPMesh
 from .rules import Rule
@@ -80,38 +81,95 @@ class HeadsThenRing(Strategy):
             share = heads // u
             if sink is not None:
                 sink = sink[mesh.ulysses.rank * share : (mesh.ulysses.rank + 1) * share]
-        out, lse = ring_attention(ring, ctx, rule, query, key, value, group_spans, scaling, softcap)
-        out = finish(out, lse, sink)  # (B, L, h, D)
+        sets = RingSets(ring, ctx, rule, group_spans, scaling, softcap)
+        out = key_set_attention(query, key, value, sink, sets)
         if u > 1:
             out = sequence_to_heads(out.transpose(1, 2), mesh.ulysses).transpose(1, 2)
         return out
 
 
-def ring_attention(comm: Comm, ctx: ShardContext, rule: Rule, query, key, value, spans_of, scaling, softcap):
-    """Queries of ring member `comm.rank` over every member's keys; (out, lse) before the sink."""
-    size, me = comm.size, comm.rank
-    mine = spans_of(me)
-    local = [needs(ctx, rule, mine, spans_of((me - s) % size)) for s in range(size)]
-    steps = _ring_steps(comm, ctx, rule, local)
-    kv = torch.stack([key, value])
-    parts, unused = [], []
-    for step in range(steps):
-        if step + 1 < steps:
-            incoming, wait = ring_shift(kv, comm)  # overlaps this step's compute
-        if local[step]:
-            source = spans_of((me - step) % size)
-            parts.append(span_attention(ctx, rule, query, mine, kv[0], kv[1], source, scaling, softcap))
-        elif step:
-            unused.append(kv)
-        if step + 1 < steps:
-            wait()
-            kv = incoming
-    out, lse = merge_partials(parts, query)
-    if unused and torch.is_grad_enabled():
-        # every rank must run every shift's backward (it is a send/recv pair): a shard this rank passed on
-        # without reading still gets a (zero) gradient
-        out = out + sum(u.sum() for u in unused).mul(0).to(out.dtype)
-    return out, lse
+class RingSets:
+    """Key sets of a ring (`KeySets` over this rank's (key, value)): step s holds member (me - s)'s K/V, passed
+    on one member per step.
+
+    Forward, the transfer of step s + 1 overlaps step s's compute and each shard is dropped once used.
+    Backward brings the shards round again the same way (a rank keeps only its own between the passes) and
+    sends each step's dK/dV straight back to the shard's owner, overlapping the next step's compute.
+    """
+
+    def __init__(self, comm: Comm, ctx: ShardContext, rule: Rule, spans_of, scaling: float, softcap: float | None):
+        self.comm, self.ctx, self.rule, self.spans_of = comm, ctx, rule, spans_of
+        self.scaling, self.softcap = scaling, softcap
+        me, size = comm.rank, comm.size
+        self.mine = spans_of(me)
+        self.local = [needs(ctx, rule, self.mine, spans_of((me - s) % size)) for s in range(size)]
+        self.steps = _ring_steps(comm, ctx, rule, self.local)
+
+    def _rotate(self, kv: torch.Tensor):
+        """Yield (step, this step's stacked K/V), shifting the next one in meanwhile."""
+        comm = self.comm
+        for step in range(self.steps):
+            if step + 1 < self.steps:
+                incoming = torch.empty_like(kv)
+                wait = comm.exchange(kv, (comm.rank + 1) % comm.size, incoming, (comm.rank - 1) % comm.size)
+            yield step, kv
+            if step + 1 < self.steps:
+                wait()
+                kv = incoming
+
+    def forward(self, query, tensors):
+        for step, kv in self._rotate(torch.stack(tensors)):
+            if self.local[step]:
+                spans = self.spans_of((self.comm.rank - step) % self.comm.size)
+                yield span_forward(
+                    self.ctx, self.rule, query, self.mine, kv[0], kv[1], spans, self.scaling, self.softcap
+                )
+
+    def backward(self, query, tensors, grad_out, out, total):
+        comm = self.comm
+        me, size = comm.rank, comm.size
+        kv = torch.stack(tensors)
+        dq = torch.zeros_like(query)
+        mine = torch.zeros_like(kv)
+        pending = None  # the previous step's dK/dV exchange: (sent, received, wait)
+        for step, held in self._rotate(kv):
+            grad = torch.zeros_like(kv)
+            if self.local[step]:
+                spans = self.spans_of((me - step) % size)
+                gq, grad[0], grad[1] = span_backward(
+                    self.ctx, self.rule, query, self.mine, held[0], held[1], spans,
+                    self.scaling, self.softcap, grad_out, out, total,
+                )  # fmt: skip
+                dq += gq
+            if step == 0:
+                mine += grad
+                continue
+            received = torch.empty_like(kv)  # every rank exchanges every step, so sends and receives pair up
+            wait = comm.exchange(grad, (me - step) % size, received, (me + step) % size)
+            if pending is not None:
+                pending[2]()
+                mine += pending[1]
+            pending = (grad, received, wait)
+        if pending is not None:
+            pending[2]()
+            mine += pending[1]
+        return dq, (mine[0], mine[1])
+
+
+class WholeSet:
+    """One key set (`KeySets` over the all-gathered (key, value)): the whole row, laid out as `spans`."""
+
+    def __init__(self, ctx: ShardContext, rule: Rule, mine: list[Span], spans: list[Span], scaling, softcap):
+        self.args = (ctx, rule, mine, spans, scaling, softcap)
+
+    def forward(self, query, tensors):
+        ctx, rule, mine, spans, scaling, softcap = self.args
+        yield span_forward(ctx, rule, query, mine, *tensors, spans, scaling, softcap)
+
+    def backward(self, query, tensors, grad_out, out, total):
+        ctx, rule, mine, spans, scaling, softcap = self.args
+        dq, dk, dv = span_backward(ctx, rule, query, mine, *tensors, spans, scaling, softcap, grad_out, out, total)
+        return dq, (dk, dv)
 
 
 def _ring_steps(comm: Comm, ctx: ShardContext, rule: Rule, local: list[bool]) -> int:
@@ -164,5 +222,4 @@ class AllGatherKV(Strategy):
         kv = gathered.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)  # rank order along the sequence
         kv_spans = coalesce([s for r in range(comm.size) for s in ctx.spans(r)])
         mine = ctx.spans(comm.rank)
-        out, lse = span_attention(ctx, rule, query, mine, kv[0], kv[1], kv_spans, scaling, softcap)
-        return finish(out, lse, rule.sink)
+        return key_set_attention(query, kv[0], kv[1], rule.sink, WholeSet(ctx, rule, mine, kv_spans, scaling, softcap))
