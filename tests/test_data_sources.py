@@ -10,7 +10,7 @@ import pytest
 
 from lcplug.data import DataContext, DataError, PackedLoader, Piece, Source, load_text_tokenizer, train_bpe
 from lcplug.eval.haystack import stdlib_source
-from lcplug.plugins.data.code import topological_order
+from lcplug.plugins.data.code import C_INCLUDE, PY_IMPORT, lines_with, topological_order
 
 
 def read_all(source: Source) -> list[Piece]:
@@ -106,6 +106,16 @@ def test_code_defaults_to_the_standard_library():
 def test_topological_order_breaks_cycles_at_the_lowest_index():
     assert topological_order([{1}, {0}, set()]) == [2, 0, 1]
     assert topological_order([{2}, set(), {1}]) == [1, 2, 0]
+
+
+def test_import_scan_on_lines_with_the_keyword_matches_a_scan_of_the_whole_text():
+    texts = [p.read_text() for p in sorted((stdlib_source() / "importlib").rglob("*.py"))]
+    texts += ["import a, b as c\nx = 'no import here'  # import\n  from .m import (x,\n y)\nimport", "", "import"]
+    texts += ['#include "a.h"\n  # include "b/c.h" // include\nint x;\n#include <d.h>']
+    for text in texts:
+        assert PY_IMPORT.findall(lines_with(text, "import")) == PY_IMPORT.findall(text)
+        assert C_INCLUDE.findall(lines_with(text, "include")) == C_INCLUDE.findall(text)
+    assert sum(len(PY_IMPORT.findall(t)) for t in texts) > 50  # the stdlib files do import things
 
 
 def test_text_jsonl_parquet_with_bad_records_counted(tmp_path):

@@ -6,6 +6,9 @@ N batches, `load_state_dict()` in a fresh loader, and the next batch is the N+1-
 run. Each data-parallel rank reads a disjoint shard of every source (document d of an epoch goes to
 rank d mod dp_world); the ranks of one context-parallel group share a data-parallel rank and so get
 identical batches, which each then slices (`context_parallel_slice`).
+
+With `cache_dir` in the recipe, every domain's text goes through one `TokenCache` there, so only text
+no earlier run (epoch, rank, preview) tokenized with the same tokenizer is tokenized.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .base import DataContext, DataError
+from .base import DataContext, DataError, log
+from .cache import TokenCache
 from .mixture import Mixer
 from .packing import PADDING, Packer, collate
 from .recipe import DataConfig
@@ -60,6 +64,7 @@ class PackedLoader:
             config.tokenizer if tokenizer is None else tokenizer, eos_id=config.eos_id, pad_id=config.pad_id
         )
         self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.cache = self._cache()
         ctx = DataContext(self.tokenizer, config.seed, dp_rank, dp_world, sources=config.sources)
         self.domains = config.domains()
         streams = []
@@ -79,6 +84,7 @@ class PackedLoader:
                 long_share=d.long_share,
                 long_threshold=d.long_threshold,
                 repeat=config.repeat,
+                cache=self.cache,
             )
             streams.append(stream)
         self.mixer = Mixer(self.domains, streams)
@@ -86,6 +92,21 @@ class PackedLoader:
         self.step = 0
         self.tokens = {d.label: 0 for d in self.domains}  # tokens per domain in the batches this process made
         self.padding = 0
+
+    def _cache(self) -> TokenCache | None:
+        """The recipe's token cache; none for tokenizers without a Rust backend (bytes need none: decoding is all)."""
+        if self.config.cache_dir is None:
+            return None
+        if self.tokenizer.fast is None:
+            if not self.tokenizer.is_bytes:
+                log.warning("data.cache_dir: %r has no fast (Rust) backend to fingerprint; not cached", self.tokenizer)
+            return None
+        return TokenCache(self.config.cache_dir, self.tokenizer)
+
+    def close(self) -> None:
+        """Write what the token cache holds in memory (also done at each epoch's end and at exit)."""
+        if self.cache is not None:
+            self.cache.flush()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -99,6 +120,7 @@ class PackedLoader:
                 break
             rows.append(row)
         if not rows:
+            self.close()
             raise StopIteration
         for row in rows:
             for length, domain in zip(row.lengths, row.domains):

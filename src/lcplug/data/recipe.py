@@ -12,6 +12,7 @@ data:
     - {step: 500, seq_len: 4096}
   cross_document: false       # true: attention crosses documents (no document masks)
   repeat: true                # sources start a new epoch when done (false: the stream ends)
+  cache_dir: null             # a directory: tokenized text is kept there and read back (lcplug.data.cache)
   sources:                    # name -> data plugin spec (a name, 'name:k=v', or a mapping)
     code: code                # the Python standard library, one document per package, dependency order
     books: {name: text, paths: [books/]}
@@ -59,6 +60,7 @@ class DataConfig:
     cross_document: bool = False
     repeat: bool = True
     max_doc_tokens: int | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, Mapping) or not self.sources:
@@ -80,6 +82,10 @@ class DataConfig:
             )
         if self.max_doc_tokens is not None:
             _integer(self.max_doc_tokens, "data.max_doc_tokens", 1)
+        if isinstance(self.cache_dir, Path):
+            self.cache_dir = str(self.cache_dir)
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise DataError(f"data.cache_dir got {self.cache_dir!r}; valid: a directory path, or null (no token cache)")
         self.stages = self._stages()
 
     @classmethod

@@ -16,12 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..eval.tokens import ByteTokenizer, HFTokenizer, Tokenizer, as_tokenizer, load_tokenizer
 from .base import DataError, Piece, Source, uniform
+
+if TYPE_CHECKING:
+    from .cache import TokenCache
 
 MIN_KEEP = 0.1
 """Length upsampling keeps at least this share of short documents, so a source with (almost) no long documents
@@ -206,6 +209,9 @@ class TokenStream:
     characters are turned into tokens with the stream's measured tokens-per-character ratio. It only
     ever raises the long share (a source already above the target is kept whole), and keeps at least
     `MIN_KEEP` of the short documents (a source with no long ones cannot reach any target).
+
+    With a `cache` (`lcplug.data.cache`), text is tokenized only where the cache misses, which gives the
+    same ids, so batches and states are the same with and without it; it is flushed at each epoch's end.
     """
 
     def __init__(
@@ -219,6 +225,7 @@ class TokenStream:
         repeat: bool = True,
         batch_chars: int = 1 << 18,
         batch_pieces: int = 512,
+        cache: TokenCache | None = None,
     ):
         if max_doc_tokens < 1:
             raise DataError(f"data source {source.name!r}: max_doc_tokens={max_doc_tokens}; valid: an integer >= 1")
@@ -232,6 +239,8 @@ class TokenStream:
         self.repeat = repeat
         self.batch_chars = batch_chars
         self.batch_pieces = batch_pieces
+        self.encode_batch = tokenizer.encode_batch if cache is None else cache.encode_batch
+        self.cache = cache
         self.stats = DocStats()
         self._counters: dict[str, Any] = {
             "chars": 0,  # characters and tokens of text tokenized so far: the tokens-per-char ratio
@@ -289,6 +298,8 @@ class TokenStream:
             if piece is None:
                 if c["epoch_pieces"] == 0:
                     raise self._empty()
+                if self.cache is not None:
+                    self.cache.flush()
                 if not self.repeat:
                     c["exhausted"] = True
                     break
@@ -303,7 +314,7 @@ class TokenStream:
                 lengths.append(c["doc_tokens"])
                 size += len(piece.text) if piece.text is not None else len(piece.ids)
         texts = [p.text for p in pieces if p.text is not None]
-        encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
+        encoded = iter(self.encode_batch(texts)) if texts else iter(())
         items = []
         for piece, doc_tokens in zip(pieces, lengths):
             if piece.text is not None:
