@@ -8,6 +8,7 @@ itself. `failure(rank, world, out, case)`: a dead rank or disagreeing shapes mus
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -172,27 +173,11 @@ def parity(rank: int, world: int, port: int, out_path: str) -> None:
     refs = {p: reference_step(p) for p in PATTERNS}
     for sname, sspec in STRATEGIES.items():
         for pname in PATTERNS:
-            case = f"{sname}/{pname}"
-            started = time.perf_counter()
-            try:
-                spec = {"name": sspec} if isinstance(sspec, str) else dict(sspec)
-                spec["degree"] = world
-                spec["timeout"] = 20
-                if spec["name"] == "hybrid" and world == 2:
-                    spec["ulysses"] = 2
-                logits, idx, loss, grads = cp_step(pname, spec)
-                ref_logits, ref_loss, ref_grads = refs[pname]
-                errs = {
-                    "logits": float((logits - ref_logits[:, idx]).abs().max()),
-                    "loss": abs(float(loss) - float(ref_loss)),
-                    "grads": max(
-                        float((grads[n] - ref_grads.get(n, torch.zeros_like(g))).abs().max()) for n, g in grads.items()
-                    ),
-                }
-                errs.update(attention_step(pname, spec))
-                results[case] = {"errors": errs, "seconds": time.perf_counter() - started}
-            except Exception as exc:  # report, keep the group in step for the other cases
-                results[case] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+            results[f"{sname}/{pname}"] = parity_case(world, sspec, pname, refs[pname])
+    with small_pieces():
+        for sname, sspec in STRATEGIES.items():
+            for pname in PIECED:
+                results[f"{sname}/{pname}{PIECES}"] = parity_case(world, sspec, pname, refs[pname])
     try:
         results["masked-rank"] = masked_rank(world)
     except Exception as exc:
@@ -203,6 +188,48 @@ def parity(rank: int, world: int, port: int, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(gathered, f)
     dist.destroy_process_group()
+
+
+PIECED = ("causal", "sliding-window", "dsa", "packed")
+PIECES = "+pieces"
+"""Cases rerun with layouts cut into 8 x 16-token pieces and nothing cached (`small_pieces`)."""
+
+
+@contextlib.contextmanager
+def small_pieces():
+    """cp's layout pieces shrunk to a few blocks and its mask cache off, as at a very long row."""
+    from lcplug.cp import attend, shard
+
+    saved = attend.PIECE_KEYS, attend.PIECE_PAIRS, attend.ALIGN, shard.CACHE_PAIRS
+    attend.PIECE_KEYS, attend.PIECE_PAIRS, attend.ALIGN, shard.CACHE_PAIRS = 16, 8 * 16, 8, 0
+    try:
+        yield
+    finally:
+        attend.PIECE_KEYS, attend.PIECE_PAIRS, attend.ALIGN, shard.CACHE_PAIRS = saved
+
+
+def parity_case(world: int, sspec, pname: str, ref) -> dict:
+    """One strategy x pattern: errors of the cp training step and attention call against one process."""
+    started = time.perf_counter()
+    try:
+        spec = {"name": sspec} if isinstance(sspec, str) else dict(sspec)
+        spec["degree"] = world
+        spec["timeout"] = 20
+        if spec["name"] == "hybrid" and world == 2:
+            spec["ulysses"] = 2
+        logits, idx, loss, grads = cp_step(pname, spec)
+        ref_logits, ref_loss, ref_grads = ref
+        errs = {
+            "logits": float((logits - ref_logits[:, idx]).abs().max()),
+            "loss": abs(float(loss) - float(ref_loss)),
+            "grads": max(
+                float((grads[n] - ref_grads.get(n, torch.zeros_like(g))).abs().max()) for n, g in grads.items()
+            ),
+        }
+        errs.update(attention_step(pname, spec))
+        return {"errors": errs, "seconds": time.perf_counter() - started}
+    except Exception as exc:  # report, keep the group in step for the other cases
+        return {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
 
 
 def masked_rank(world: int) -> dict:

@@ -3,15 +3,16 @@
 One spawned group per world size runs every case (`cp_workers.parity`): per case, a whole tiny-model
 training step (this rank's logits, the loss reduced by token count over the group, every parameter's
 gradient all-reduced over the group) and one attention call through the dispatcher (outputs, q/k/v
-gradients through the collectives) must match the single-process run to 1e-5.
+gradients through the collectives) must match the single-process run to 1e-5. The `+pieces` cases rerun
+some patterns with layouts cut into pieces of a few blocks and no mask cache, as a very long row runs.
 """
 
 from __future__ import annotations
 
 import pytest
-from cp_workers import PATTERNS, STRATEGIES, parity
+from cp_workers import PATTERNS, PIECED, PIECES, STRATEGIES, parity
 
-CASES = [f"{s}/{p}" for s in STRATEGIES for p in PATTERNS]
+CASES = [f"{s}/{p}" for s in STRATEGIES for p in PATTERNS] + [f"{s}/{p}{PIECES}" for s in STRATEGIES for p in PIECED]
 ATOL = 1e-5
 
 

@@ -12,8 +12,6 @@ its backward brings them in again. Queries that see no key at all give zeros wit
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from ..attention.block_torch import partial_attention, partial_attention_backward
@@ -21,7 +19,45 @@ from ..attention.merge import KeySets, merge_partials, merged_attention
 from .rules import Rule
 from .shard import ShardContext, Span
 
-KV = tuple[torch.Tensor, torch.Tensor]
+PIECE_KEYS = 1 << 14
+"""Key tokens per piece: a (query span, key span) pair longer than this is computed piece by piece."""
+PIECE_PAIRS = 1 << 24
+"""(query, key) token pairs per piece (a 16 MiB token mask): what one layout holds at any sequence length."""
+ALIGN = 128
+"""Query pieces start on multiples of this many tokens (a multiple of every pattern's block size)."""
+
+
+def pieces(q_spans: list[Span], kv_spans: list[Span]) -> tuple[list[tuple[Span, int]], list[tuple[Span, int]]]:
+    """The spans cut into pieces of at most PIECE_PAIRS pairs, each with its offset in the local layout.
+
+    A layout's token mask is O(queries x keys): for a ring step at N/P tokens that is fine, but Ulysses and
+    all-gather attend over the whole row, and at 1M tokens one mask of the whole row would not fit any
+    memory. Pieces bound it; `ShardContext.mask` decides which pieces' layouts stay cached.
+    """
+    kv_size = min(max(s.length for s in kv_spans), PIECE_KEYS)
+    q_size = max(ALIGN, PIECE_PAIRS // kv_size // ALIGN * ALIGN)
+    return _cut(q_spans, q_size), _cut(kv_spans, kv_size)
+
+
+def _cut(spans: list[Span], size: int) -> list[tuple[Span, int]]:
+    out, offset = [], 0
+    for span in spans:
+        for start in range(0, span.length, size):
+            out.append((Span(span.start + start, min(size, span.length - start)), offset + start))
+        offset += span.length
+    return out
+
+
+def _grid(ctx: ShardContext, rule: Rule, q_spans: list[Span], kv_spans: list[Span]):
+    """(query piece, its rows, [(layout, key columns) of every key piece it attends to])."""
+    q_pieces, kv_pieces = pieces(q_spans, kv_spans)
+    for qp, q0 in q_pieces:
+        reads = []
+        for kp, k0 in kv_pieces:
+            layout = rule.layout(ctx, qp, kp)
+            if layout is not None:
+                reads.append((layout, slice(k0, k0 + kp.length)))
+        yield slice(q0, q0 + qp.length), reads
 
 
 def span_forward(
@@ -29,10 +65,10 @@ def span_forward(
 ):
     """Queries laid out as `q_spans` over keys laid out as `kv_spans`: merged (out, lse) in query order."""
     outs, lses = [], []
-    for qs, q in _slices(query, q_spans):
+    for rows, reads in _grid(ctx, rule, q_spans, kv_spans):
+        q = query[:, :, rows]
         parts = [
-            partial_attention(q, k, v, layout, scaling, softcap)
-            for layout, k, v in _layouts(ctx, rule, qs, key, value, kv_spans)
+            partial_attention(q, key[:, :, cols], value[:, :, cols], layout, scaling, softcap) for layout, cols in reads
         ]
         out, lse = merge_partials(parts, q)
         outs.append(out)
@@ -47,45 +83,22 @@ def span_backward(
     log-sum-exp `total` of these queries (B, H, Lq)."""
     dq = torch.zeros_like(query)
     dk, dv = torch.zeros_like(key), torch.zeros_like(value)
-    q0 = 0
-    for qs, q in _slices(query, q_spans):
-        rows = slice(q0, q0 + qs.length)
-        k0 = 0
-        for ks in kv_spans:
-            layout = rule.layout(ctx, qs, ks)
-            if layout is not None:
-                cols = slice(k0, k0 + ks.length)
-                gq, gk, gv = partial_attention_backward(
-                    q, key[:, :, cols], value[:, :, cols], layout, scaling, softcap,
-                    grad_out[:, :, rows], out[:, :, rows], total[:, :, rows],
-                )  # fmt: skip
-                dq[:, :, rows] += gq
-                dk[:, :, cols] += gk
-                dv[:, :, cols] += gv
-            k0 += ks.length
-        q0 += qs.length
+    for rows, reads in _grid(ctx, rule, q_spans, kv_spans):
+        for layout, cols in reads:
+            gq, gk, gv = partial_attention_backward(
+                query[:, :, rows], key[:, :, cols], value[:, :, cols], layout, scaling, softcap,
+                grad_out[:, :, rows], out[:, :, rows], total[:, :, rows],
+            )  # fmt: skip
+            dq[:, :, rows] += gq
+            dk[:, :, cols] += gk
+            dv[:, :, cols] += gv
     return dq, dk, dv
 
 
-def _slices(query: torch.Tensor, spans: list[Span]) -> Iterator[tuple[Span, torch.Tensor]]:
-    q0 = 0
-    for span in spans:
-        yield span, query[:, :, q0 : q0 + span.length]
-        q0 += span.length
-
-
-def _layouts(ctx: ShardContext, rule: Rule, qs: Span, key, value, kv_spans: list[Span]):
-    k0 = 0
-    for ks in kv_spans:
-        layout = rule.layout(ctx, qs, ks)
-        if layout is not None:
-            yield layout, key[:, :, k0 : k0 + ks.length], value[:, :, k0 : k0 + ks.length]
-        k0 += ks.length
-
-
 def needs(ctx: ShardContext, rule: Rule, q_spans: list[Span], kv_spans: list[Span]) -> bool:
-    """Whether any of these queries may attend to any of these keys."""
-    return any(rule.layout(ctx, qs, ks) is not None for qs in q_spans for ks in kv_spans)
+    """Whether any of these queries may attend to any of these keys (piece by piece, stopping at the first)."""
+    q_pieces, kv_pieces = pieces(q_spans, kv_spans)
+    return any(rule.layout(ctx, qp, kp) is not None for qp, _ in q_pieces for kp, _ in kv_pieces)
 
 
 def key_set_attention(query, key, value, sink, sets: KeySets) -> torch.Tensor:

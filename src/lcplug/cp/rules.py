@@ -95,9 +95,12 @@ class DynamicRule(Rule):
                     offset += span.length
 
     def rows(self, q: Span) -> torch.Tensor:
-        """The selection (B, Lq, L) of queries `q`, from the stored spans that tile it."""
+        """The selection (B, Lq, L) of queries `q`, from the stored spans that hold or tile it."""
         if q in self.selected:
             return self.selected[q]
+        for s, rows in self.selected.items():
+            if s.start <= q.start and q.end <= s.end:  # a piece of one stored span
+                return rows[:, q.start - s.start : q.end - s.start]
         parts = sorted((s for s in self.selected if q.start <= s.start < q.end), key=lambda s: s.start)
         return torch.cat([self.selected[s] for s in parts], dim=1)
 

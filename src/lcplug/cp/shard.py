@@ -22,6 +22,9 @@ from ..positions import SHARD_LAYOUTS, ShardLayout, shard_indices
 from .comm import Comm
 from .errors import CPConfigError, CPShapeError
 
+CACHE_PAIRS = 1 << 25
+"""(query, key) pairs whose masks and layouts one forward pass keeps (32 MiB of token masks per pattern)."""
+
 
 @dataclass(frozen=True)
 class Span:
@@ -88,6 +91,7 @@ class ShardContext:
         self.batch, self.seq_len = positions.shape
         self._spans = [rank_spans(self.seq_len, r, comm.size, layout) for r in range(comm.size)]
         self._masks: dict[tuple, ShardMask] = {}
+        self._cached_pairs = 0
         self.cache: dict[Any, Any] = {}  # per forward pass, shared by layers (e.g. ring steps per pattern)
 
     @classmethod
@@ -116,11 +120,20 @@ class ShardContext:
         return self._spans[cp_rank]
 
     def mask(self, q: Span, kv: Span, window: int | None = None) -> ShardMask:
-        """The (cached) mask of queries `q` over keys `kv`: causal, same document, the model's own window."""
+        """The mask of queries `q` over keys `kv`: causal, same document, the model's own window.
+
+        Masks, and the layouts built on them, are cached for the forward pass's other layers and its
+        backward until they cover CACHE_PAIRS (query, key) pairs; past that they are built per use and
+        dropped, so a long row costs layout rebuilds, not memory that grows with its square.
+        """
         key = (q, kv, window)
-        if key not in self._masks:
-            self._masks[key] = ShardMask(self, q, kv, window)
-        return self._masks[key]
+        if key in self._masks:
+            return self._masks[key]
+        mask = ShardMask(self, q, kv, window)
+        if self._cached_pairs + q.length * kv.length <= CACHE_PAIRS:
+            self._masks[key] = mask
+            self._cached_pairs += q.length * kv.length
+        return mask
 
 
 class ShardMask(LazyMask):
