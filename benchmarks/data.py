@@ -19,7 +19,8 @@ ends with what a training loop holds: batches of torch tensors.
 - lcplug: `PackedLoader` over the `code` source (repositories in dependency order, streamed, tokenized in
   batches through the Rust backend, packed with document boundaries, position ids and cu_seqlens):
   without a token cache; cold with `cache_dir` (tokenizing and writing the cache); warm (a new loader
-  on the same `cache_dir`, as a second epoch, a resumed run, another rank or `lcplug data preview` is);
+  on the same `cache_dir`, as a second epoch, a resumed run, another rank or `lcplug data preview` is:
+  files whose identity the cache recorded are neither read nor scanned for imports);
   and with bytes (what the byte-level demo models read);
 - demo training: tokens per second one optimizer step of the demo's byte-level Llama consumes (2 layers,
   128 wide, batch 16 x 256, AdamW), the rate the pipeline must outrun by 10x.

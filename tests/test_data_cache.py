@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 
 from lcplug.data import DataContext, DataError, PackedLoader, TokenStream, load_text_tokenizer, train_bpe
 from lcplug.data.cache import SUFFIX, TokenCache, tokenizer_fingerprint
+from lcplug.data.fileindex import SUFFIX as INDEX_SUFFIX
 from lcplug.eval.haystack import stdlib_source
 
 KEYS = ("input_ids", "labels", "position_ids", "doc_ids", "cu_seqlens")
@@ -63,6 +67,23 @@ def same(a: list[dict], b: list[dict]) -> bool:
 
 def shards(cache: Path) -> list[Path]:
     return sorted(cache.glob(f"*/*{SUFFIX}"))
+
+
+@pytest.fixture
+def opened(monkeypatch, tree) -> list[str]:
+    """The files of the tree's code and plain text that get opened from now on (JSON lines are content-keyed)."""
+    seen: list[str] = []
+    original = builtins.open
+
+    def counting(file, *args, **kwargs):
+        name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
+        if name.startswith((str(tree / "code"), str(tree / "text"))) and not name.endswith(".jsonl"):
+            seen.append(name)
+        return original(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    monkeypatch.setattr(io, "open", counting)  # what pathlib's read_bytes/read_text/open call
+    return seen
 
 
 def test_the_cache_gives_the_ids_of_the_tokenizer(bpe, tmp_path):
@@ -190,3 +211,78 @@ def test_bad_cache_settings(bpe, tree, tmp_path):
     loader = PackedLoader(config(tree, tmp_path / "bytes-cache"), tokenizer="bytes")
     everything(loader)
     assert loader.cache is None and not (tmp_path / "bytes-cache").exists()  # bytes need no cache
+
+
+def test_a_warm_pass_reads_no_file_it_knows(bpe, tree, tmp_path, opened):
+    cache = tmp_path / "cache"
+    reference = everything(PackedLoader(config(tree, None), tokenizer=bpe))
+    assert same(everything(PackedLoader(config(tree, cache), tokenizer=bpe)), reference)
+    assert opened and list(cache.glob(f"*/*{INDEX_SUFFIX}"))  # read once, identities recorded
+    opened.clear()
+    warm = PackedLoader(config(tree, cache), tokenizer=bpe)
+    assert same(everything(warm), reference)
+    assert opened == [] and warm.cache.misses == 0  # no file read, no import scan, nothing tokenized
+
+    verified = PackedLoader(config(tree, cache, cache_verify=True), tokenizer=bpe)
+    assert same(everything(verified), reference)
+    assert len(set(opened)) == 7 and verified.cache.misses == 0  # every code and text file read and hashed
+
+
+def test_an_edited_file_is_read_again_and_changes_the_batches(bpe, tree, tmp_path, opened):
+    cache = tmp_path / "cache"
+    before = everything(PackedLoader(config(tree, cache), tokenizer=bpe))
+    mod = tree / "code" / "repo1" / "mod2.py"
+    text = mod.read_text()
+    mod.write_text(text.replace("value_1_2 = 2", "value_1_2 = 3", 1))  # same size, new mtime and content
+    opened.clear()
+    after = everything(PackedLoader(config(tree, cache), tokenizer=bpe))
+    repo = sorted(str(p) for p in mod.parent.iterdir())  # its repository's import scan reads the others once
+    assert sorted(opened) == sorted([*repo, str(mod)])  # and only it is read as a piece; nothing else
+    assert same(after, everything(PackedLoader(config(tree, None), tokenizer=bpe))) and not same(after, before)
+
+
+def test_a_touched_identical_file_is_read_hashed_and_still_right(bpe, tree, tmp_path, opened):
+    cache = tmp_path / "cache"
+    before = everything(PackedLoader(config(tree, cache), tokenizer=bpe))
+    mod, book = tree / "code" / "repo0" / "mod1.py", tree / "text" / "book.txt"
+    for path in (mod, book):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    opened.clear()
+    touched = PackedLoader(config(tree, cache), tokenizer=bpe)
+    assert same(everything(touched), before)
+    scanned = {str(p) for p in mod.parent.iterdir()}  # its repository's order is derived again
+    assert set(opened) == scanned | {str(book)} and touched.cache.misses == 0  # same text: no tokenizing
+    opened.clear()
+    assert same(everything(PackedLoader(config(tree, cache), tokenizer=bpe)), before) and opened == []
+
+
+def test_resume_with_a_warm_cache_reads_nothing(bpe, tree, tmp_path, opened):
+    cache = tmp_path / "cache"
+    everything(PackedLoader(config(tree, cache), tokenizer=bpe))
+    whole = everything(PackedLoader(config(tree, None, repeat=True), tokenizer=bpe), 16)
+    opened.clear()
+    loader = PackedLoader(config(tree, cache, repeat=True), tokenizer=bpe)
+    assert same(everything(loader, 7), whole[:7])
+    resumed = PackedLoader(config(tree, cache, repeat=True), tokenizer=bpe)
+    resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert same(everything(resumed, 9), whole[7:]) and opened == []
+
+
+def test_a_corrupt_index_is_removed_and_its_files_read_again(bpe, tree, tmp_path, opened):
+    cache = tmp_path / "cache"
+    reference = everything(PackedLoader(config(tree, cache), tokenizer=bpe))
+    indexes = list(cache.glob(f"*/*{INDEX_SUFFIX}"))  # one per source, written as its epoch ended
+    for index in indexes:
+        data = bytearray(index.read_bytes())
+        data[-40] ^= 0x01  # one bit
+        index.write_bytes(bytes(data))
+    opened.clear()
+    with pytest.warns(UserWarning, match="token cache index .* is corrupt or mismatched"):
+        loader = PackedLoader(config(tree, cache), tokenizer=bpe)
+    assert same(everything(loader), reference) and opened and loader.cache.misses == 0
+    assert not any(index.exists() for index in indexes)
+
+
+def test_bad_cache_verify(bpe, tree):
+    with pytest.raises(DataError, match=r"data.cache_verify got 'yes'; valid: true or false"):
+        PackedLoader(config(tree, None, cache_verify="yes"), tokenizer=bpe)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import heapq
+import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from lcplug.data.base import DataContext, DataError, Piece, Source, SourcePlugin, permutation
-from lcplug.eval.haystack import SKIPPED_DIRS, source_files, stdlib_source
+from lcplug.data.base import DataContext, DataError, FileText, Piece, Source, SourcePlugin, permutation
+from lcplug.data.files import file_identity
+from lcplug.eval.haystack import SKIPPED_DIRS, stdlib_source
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 
@@ -50,11 +55,28 @@ class Repo:
     loose: bool = False
 
 
+@dataclass(frozen=True)
+class CodeFile:
+    """A file of a repository as one `stat` saw it: its path, its header name, and its identity (the
+    piece it makes: `file_identity` of the file and its header)."""
+
+    path: str
+    name: str
+    stat: os.stat_result
+    identity: bytes
+
+
+ORDER_VERSION = 1
+"""Part of a cached dependency order's key: bump it when `_dependencies` or `topological_order` change."""
+
+
 class CodeSource(Source):
     """Repositories as documents: a header line then the text of each file, in dependency order.
 
     The state is (repository position in the epoch's order, file index, whether the document started),
     so a resume re-derives the file order of the current repository and continues at its next file.
+    Each file is `stat`-ed once per pass; with a token cache (`facts`), a file whose identity the cache
+    knows is not read, and a repository whose files' identities it knows is not scanned for imports.
     """
 
     def __init__(self, name: str, params: CodeParams, **kwargs: Any):
@@ -74,36 +96,80 @@ class CodeSource(Source):
         )
         return [Repo(LOOSE, self.root, loose=True), *(Repo(p.name, p) for p in subdirs)]
 
-    def files(self, repo: Repo) -> list[Path]:
-        """The repository's readable files, by path."""
+    def files(self, repo: Repo) -> list[CodeFile]:
+        """The repository's regular files with the configured endings, by path (in a subdirectory repository,
+        hidden files and directories and SKIPPED_DIRS are left out)."""
+        found: list[tuple[str, str]] = []  # (path relative to the repository, path)
         if repo.loose:
-            found = sorted(p for p in repo.path.iterdir() if p.is_file())
+            found = [(e.name, e.path) for e in os.scandir(repo.path)]
         else:
-            found = [p for p in source_files(repo.path, python_only=False) if not _hidden(p, repo.path)]
-        return [p for p in found if p.name.endswith(self.endings)]
+            for top, dirs, names in os.walk(repo.path):
+                dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS and not d.startswith(".")]
+                rel = os.path.relpath(top, repo.path).replace(os.sep, "/")
+                prefix = "" if rel == "." else rel + "/"
+                found += [(prefix + n, os.path.join(top, n)) for n in names if not n.startswith(".")]
+        out = []
+        for rel, path in sorted(found):
+            if not rel.endswith(self.endings):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # vanished or a broken link: not a file of the repository
+            if stat.S_ISREG(st.st_mode):  # regular files only: a pipe or socket would block
+                name = rel if repo.loose else f"{repo.name}/{rel}"
+                out.append(CodeFile(path, name, st, file_identity(path, st, "code", name)))
+        return out
 
-    def _read(self, path: Path) -> str | None:
-        """A file's text, or None (skipped and counted) if it is too large or not UTF-8."""
+    def _read(self, file: CodeFile) -> str | None:
+        """A file's piece (its header and text), or None (skipped and counted) if it is too large or not UTF-8."""
+        if file.stat.st_size > self.params.max_file_bytes:
+            self.skip("too large", file.path)
+            return None
         try:
-            if path.stat().st_size > self.params.max_file_bytes:
-                self.skip("too large", str(path))
-                return None
-            return path.read_bytes().decode("utf-8")
+            with open(file.path, "rb") as f:
+                text = f.read().decode("utf-8")
         except UnicodeDecodeError:
-            self.skip("undecodable", str(path))
+            self.skip("undecodable", file.path)
+            return None
         except OSError as exc:
-            self.skip("unreadable", f"{path} ({exc.strerror})")
-        return None
+            self.skip("unreadable", f"{file.path} ({exc.strerror})")
+            return None
+        return f"--- {file.name} ---\n" + text + ("" if text.endswith("\n") else "\n")
 
-    def ordered(self, repo: Repo) -> list[Path]:
-        """The repository's files in the configured order (dependencies first where they are detectable)."""
+    def ordered(self, repo: Repo) -> list[CodeFile]:
+        """The repository's files in the configured order (dependencies first where they are detectable).
+
+        The dependency order depends on the files' contents only through their identities, so with a
+        token cache it is recorded under a key of them and a later pass reads no file to order them."""
         files = self.files(repo)
         if self.params.order == "path" or len(files) < 2:
             return files
         base = repo.path if repo.loose or self.params.repos == "root" else repo.path.parent
-        rels = [PurePosixPath(p.relative_to(base).as_posix()) for p in files]
-        deps = _dependencies(rels, [_peek(p, self.params.max_file_bytes) for p in files])
-        return [files[i] for i in topological_order(deps)]
+        spec = f"code order {ORDER_VERSION}\0{self.params.repos}\0{self.params.max_file_bytes}\0{base}".encode()
+        key = hashlib.blake2b(spec + b"".join(f.identity for f in files), digest_size=16).digest()
+        order = self.facts.derived(key) if self.facts is not None else None
+        if order is None or sorted(order) != list(range(len(files))):
+            rels = [PurePosixPath(os.path.relpath(f.path, base).replace(os.sep, "/")) for f in files]
+            order = topological_order(_dependencies(rels, [_peek(f, self.params.max_file_bytes) for f in files]))
+            if self.facts is not None:
+                self.facts.record_derived(key, order)
+        return [files[i] for i in order]
+
+    def _piece(self, file: CodeFile, *, first: bool, size: int, group: str) -> Piece | None:
+        """The piece of one file: without its text where the token cache knows it; None if skipped."""
+        if file.stat.st_size > self.params.max_file_bytes:
+            self.skip("too large", file.path)
+            return None
+        known = self.facts.known(file.identity) if self.facts is not None else None
+        text = None if known is not None else self._read(file)
+        if known is None and text is None:
+            return None
+        where = FileText(file.identity, file.stat.st_size, functools.partial(self._reread, file), known)
+        return Piece(text=text, first=first, last=False, size=size, group=group, file=where)
+
+    def _reread(self, file: CodeFile) -> str:
+        return self._read(file) or ""
 
     def _pieces(self, position: dict[str, Any]) -> Iterator[tuple[Piece, dict[str, Any]]]:
         n = len(self.repos)
@@ -113,15 +179,11 @@ class CodeSource(Source):
             if self.mine(k):
                 repo = self.repos[order[k]]
                 files = self.ordered(repo)
-                size = sum(p.stat().st_size for p in files[i:]) if not started else 0
+                size = sum(f.stat.st_size for f in files[i:]) if not started else 0
                 for j in range(i, len(files)):
-                    text = self._read(files[j])
-                    if text is None:
+                    piece = self._piece(files[j], first=not started, size=size, group=repo.name)
+                    if piece is None:
                         continue
-                    rel = files[j].relative_to(repo.path).as_posix()
-                    header = f"--- {rel if repo.loose else f'{repo.name}/{rel}'} ---\n"
-                    body = header + text + ("" if text.endswith("\n") else "\n")
-                    piece = Piece(text=body, first=not started, last=False, size=size, group=repo.name)
                     started = True
                     yield piece, {"repo": k, "file": j + 1, "started": True}
                 if started:  # closes the document (its EOS), once its last readable file is known
@@ -129,16 +191,13 @@ class CodeSource(Source):
             k, i, started = k + 1, 0, False
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _peek(path: Path, limit: int) -> str:
+def _peek(file: CodeFile, limit: int) -> str:
     """A file's text for import scanning ('' if unreadable; the reading pass counts the skip)."""
+    if file.stat.st_size > limit:
+        return ""
     try:
-        if path.stat().st_size > limit:
-            return ""
-        return path.read_bytes().decode("utf-8")
+        with open(file.path, "rb") as f:
+            return f.read().decode("utf-8")
     except (UnicodeDecodeError, OSError):
         return ""
 

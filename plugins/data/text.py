@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lcplug.data.base import DataContext, Piece, Source, SourcePlugin
-from lcplug.data.files import FileSource, Reader, read_text
+from lcplug.data.base import DataContext, FileText, Piece, Source, SourcePlugin
+from lcplug.data.files import FileSource, Reader, file_identity, read_text
 from lcplug.hookspecs import hookimpl
 from lcplug.params import Params, param
 
@@ -49,8 +50,13 @@ class TextSource(FileSource):
         return {"txt": self._txt, "jsonl": self.jsonl, "parquet": self._parquet}[fmt]
 
     def _txt(self, path: Path, at: int, doc: int) -> Generator[tuple[Piece, int, int], None, int]:
-        """One document per file, streamed in pieces."""
-        size = path.stat().st_size
+        """One document per file, streamed in pieces; with a token cache, the pieces it knows are not read."""
+        try:
+            st = path.stat()
+        except OSError as exc:
+            self.skip("unreadable", f"{path} ({exc.strerror})")
+            return doc + 1
+        size = st.st_size
         if at >= size > 0:
             return doc  # resumed after the file's last piece
         if at == 0 and not self.mine(doc):
@@ -60,9 +66,18 @@ class TextSource(FileSource):
             return doc + 1
         first = at == 0
         try:
-            for text, after, end in read_text(path, at, self.params.piece_bytes):
-                yield Piece(text=text, first=first, last=end, size=size, group=str(path)), after, doc + end
-                first = False
+            while True:
+                identity = file_identity(path, st, "text", at, self.params.piece_bytes)
+                known = self.facts.known(identity) if self.facts is not None else None
+                text, after = (
+                    (None, known.end) if known is not None else next(read_text(path, at, self.params.piece_bytes))[:2]
+                )
+                end = after >= size
+                where = FileText(identity, after, functools.partial(self._reread, path, at, after), known)
+                yield Piece(text=text, first=first, last=end, size=size, group=str(path), file=where), after, doc + end
+                first, at = False, after
+                if end:
+                    return doc + 1
         except UnicodeDecodeError:
             self.skip("undecodable", str(path))
             if not first:  # close the document its decodable start began
@@ -70,6 +85,16 @@ class TextSource(FileSource):
         except OSError as exc:
             self.skip("unreadable", f"{path} ({exc.strerror})")
         return doc + 1
+
+    def _reread(self, path: Path, start: int, end: int) -> str:
+        """The text of bytes [start, end) of a file ('' if it cannot be read now, skipped and counted)."""
+        try:
+            with path.open("rb") as f:
+                f.seek(start)
+                return f.read(end - start).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.skip("unreadable", f"{path} ({exc})")
+            return ""
 
     def _parquet(self, path: Path, at: int, doc: int) -> Generator[tuple[Piece, int, int], None, int]:
         """One document per row; `at` is the rows already passed, so the file's first row is document doc - at."""

@@ -18,7 +18,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -66,6 +66,45 @@ def permutation(n: int, seed: int, *keys: Any) -> np.ndarray:
 # ---- pieces ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Known:
+    """What a token cache recorded for a file-backed text piece: its text's content key, its length in
+    characters, and the byte offset in the file just after it."""
+
+    key: bytes
+    chars: int
+    end: int
+
+
+@dataclass(frozen=True)
+class FileText:
+    """Where a text piece comes from in a local file, so a token cache can find its tokens without the text.
+
+    `identity` names the file as it is now (path, device, inode, size, mtime and ctime, from one `stat`)
+    and which part of it the piece is (offset, the source's parameters): any change to the file is a
+    new identity. `known` is set instead of reading the text when the cache has the identity; `read`
+    reads the text all the same (if the cache loses the tokens). `end` is the byte offset after it.
+    """
+
+    identity: bytes
+    end: int
+    read: Callable[[], str]
+    known: Known | None = None
+
+
+class FileFacts(Protocol):
+    """What a token cache remembers about local files by their identities, offered to the sources that read them."""
+
+    def known(self, identity: bytes) -> Known | None:
+        """The recorded text of a file piece (None: read it), only where its tokens are at hand."""
+
+    def derived(self, key: bytes) -> list[int] | None:
+        """A list of integers derived from files' contents (a dependency order) under a key of their identities."""
+
+    def record_derived(self, key: bytes, value: list[int]) -> None:
+        """Remember `derived(key)`."""
+
+
 @dataclass
 class Piece:
     """A bounded part of one document: text, or token ids with an optional loss mask.
@@ -76,6 +115,9 @@ class Piece:
     what the document belongs to (a repository, a file), for builders that stitch related documents.
     Text pieces are wrapped in the tokenizer's BOS/EOS at document boundaries; id pieces are taken as
     they are (a builder or chat template already placed its special tokens).
+
+    A text piece read from a local file says where (`file`); when a token cache already has it, its
+    `text` is None and `file.known` stands in (only sources given the cache's `FileFacts` make these).
     """
 
     text: str | None = None
@@ -85,16 +127,27 @@ class Piece:
     last: bool = True
     size: int = 0
     group: str = ""
+    file: FileText | None = None
 
     def __post_init__(self) -> None:
-        if (self.text is None) == (self.ids is None):
-            raise ValueError("a Piece holds exactly one of text or ids")
+        has_text = self.text is not None or (self.file is not None and self.file.known is not None)
+        if has_text == (self.ids is not None):
+            raise ValueError("a Piece holds exactly one of text (or a file piece a cache knows) or ids")
+
+    @property
+    def is_text(self) -> bool:
+        return self.ids is None
+
+    @property
+    def chars(self) -> int:
+        """The text's length in characters (read or recorded)."""
+        return len(self.text) if self.text is not None else self.file.known.chars  # type: ignore[union-attr]
 
     def doc_size(self) -> int:
         """The document's size (characters or tokens) as far as this first piece knows it."""
         if self.size:
             return self.size
-        return len(self.text) if self.text is not None else len(self.ids)
+        return self.chars if self.is_text else len(self.ids)
 
 
 # ---- sources -----------------------------------------------------------------------------------------
@@ -113,6 +166,9 @@ class Source(ABC):
     longest: int | None = None
     """The most tokens one document can have, where a builder knows it: the pipeline refuses to cut such
     documents (a cut sample would lose its answer)."""
+    facts: FileFacts | None = None
+    """Set by the token stream that reads this source when it has a token cache: sources of local files
+    then give the pieces it knows without reading them (`Piece.file`)."""
 
     def __init__(self, name: str, *, seed: int = 0, rank: int = 0, world: int = 1):
         if world < 1 or not 0 <= rank < world:

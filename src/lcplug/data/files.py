@@ -2,12 +2,15 @@
 
 Offsets are byte offsets, so a source resumes a file where it stopped without re-reading it. Text is cut
 after a newline, which never falls inside a UTF-8 character, so each piece decodes on its own.
+`file_identity` names a file as it is now, for token caches that must not re-read unchanged files.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,22 @@ def expand_paths(paths: Sequence[str], owner: str) -> list[Path]:
         else:
             raise DataError(f"{owner}: path {raw!r} does not exist")
     return out
+
+
+def file_identity(path: str | Path, st: os.stat_result, *what: object) -> bytes:
+    """A 16-byte key of a file as it is now and of `what` part of it a piece is (offset, parameters).
+
+    The path (absolute), device and inode name the file; size, mtime_ns and ctime_ns change with its
+    contents. That is the rule `make` and `datasets`' file fingerprints trust (with ctime added, which no
+    tool can set back: `cp -p` or `touch -d` onto the same file still changes it). A file rewritten
+    within the clock's resolution to the same size, in place, keeps its identity: `data.cache_verify`
+    hashes the contents instead.
+    """
+    spec = (
+        f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+        + "".join(f"\0{w}" for w in what)
+    )
+    return hashlib.blake2b(spec.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
 def _hidden(rel: Path) -> bool:

@@ -8,7 +8,9 @@ rank d mod dp_world); the ranks of one context-parallel group share a data-paral
 identical batches, which each then slices (`context_parallel_slice`).
 
 With `cache_dir` in the recipe, every domain's text goes through one `TokenCache` there, so only text
-no earlier run (epoch, rank, preview) tokenized with the same tokenizer is tokenized.
+no earlier run (epoch, rank, preview) tokenized with the same tokenizer is tokenized, and local files
+whose identity (path, inode, size, mtime, ctime) it recorded are not even read (`cache_verify: true`
+reads and hashes them all the same).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ class PackedLoader:
             if not self.tokenizer.is_bytes:
                 log.warning("data.cache_dir: %r has no fast (Rust) backend to fingerprint; not cached", self.tokenizer)
             return None
-        return TokenCache(self.config.cache_dir, self.tokenizer)
+        return TokenCache(self.config.cache_dir, self.tokenizer, verify=self.config.cache_verify)
 
     def close(self) -> None:
         """Write what the token cache holds in memory (also done at each epoch's end and at exit)."""

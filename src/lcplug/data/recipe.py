@@ -13,6 +13,7 @@ data:
   cross_document: false       # true: attention crosses documents (no document masks)
   repeat: true                # sources start a new epoch when done (false: the stream ends)
   cache_dir: null             # a directory: tokenized text is kept there and read back (lcplug.data.cache)
+  cache_verify: false         # true: files are read and hashed even when their identity is cached
   sources:                    # name -> data plugin spec (a name, 'name:k=v', or a mapping)
     code: code                # the Python standard library, one document per package, dependency order
     books: {name: text, paths: [books/]}
@@ -61,6 +62,7 @@ class DataConfig:
     repeat: bool = True
     max_doc_tokens: int | None = None
     cache_dir: str | None = None
+    cache_verify: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, Mapping) or not self.sources:
@@ -86,6 +88,8 @@ class DataConfig:
             self.cache_dir = str(self.cache_dir)
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
             raise DataError(f"data.cache_dir got {self.cache_dir!r}; valid: a directory path, or null (no token cache)")
+        if not isinstance(self.cache_verify, bool):
+            raise DataError(f"data.cache_verify got {self.cache_verify!r}; valid: true or false")
         self.stages = self._stages()
 
     @classmethod

@@ -239,8 +239,9 @@ class TokenStream:
         self.repeat = repeat
         self.batch_chars = batch_chars
         self.batch_pieces = batch_pieces
-        self.encode_batch = tokenizer.encode_batch if cache is None else cache.encode_batch
         self.cache = cache
+        if cache is not None:
+            source.facts = cache  # a file source then gives what the cache knows without reading it
         self.stats = DocStats()
         self._counters: dict[str, Any] = {
             "chars": 0,  # characters and tokens of text tokenized so far: the tokens-per-char ratio
@@ -312,14 +313,13 @@ class TokenStream:
             if c["keep"]:
                 pieces.append(piece)
                 lengths.append(c["doc_tokens"])
-                size += len(piece.text) if piece.text is not None else len(piece.ids)
-        texts = [p.text for p in pieces if p.text is not None]
-        encoded = iter(self.encode_batch(texts)) if texts else iter(())
+                size += piece.chars if piece.is_text else len(piece.ids)
+        encoded = iter(self._encode([p for p in pieces if p.is_text]))
         items = []
         for piece, doc_tokens in zip(pieces, lengths):
-            if piece.text is not None:
+            if piece.is_text:
                 ids = next(encoded)
-                c["chars"] += len(piece.text)
+                c["chars"] += piece.chars
                 c["tokens"] += len(ids)
                 head = self.tokenizer.prefix if piece.first else []
                 tail = self.tokenizer.eos if piece.last else []
@@ -335,6 +335,14 @@ class TokenStream:
                     )
                 items.append(_Item(ids, mask, piece.first, piece.last, doc_tokens))
         self._batch, self._index, self._offset = items, 0, 0
+
+    def _encode(self, pieces: list[Piece]) -> list[np.ndarray]:
+        """The ids of text pieces: through the cache, or the tokenizer (pieces then always hold their text)."""
+        if not pieces:
+            return []
+        if self.cache is not None:
+            return self.cache.encode_pieces(pieces)
+        return self.tokenizer.encode_batch([p.text for p in pieces])  # type: ignore[misc]
 
     def _empty(self) -> DataError:
         src = self.source
