@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function
 
+from lcplug.attention import block_fused_cpu
 from lcplug.attention.block_torch import block_attention
 from lcplug.attention.blocks import static_layout
 from lcplug.attention.mask import LazyMask
@@ -154,3 +155,57 @@ def test_no_nxn_tensor_in_layout():
     layout = static_layout(SlidingWindowPattern(1024, 4, 64), mask, None, block_q=64, block_k=64)
     assert layout.mask.numel() <= n * 18 * 64
     assert layout.kv_blocks.shape == (1, 1, n // 64, 18)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("pattern_name", list(PATTERNS))
+def test_merged_layout_keeps_every_pair(case, pattern_name):
+    """Merging query blocks (padding the last merged block when they do not divide) keeps exactly the
+    layout's (query, key) pairs."""
+    pattern = PATTERNS[pattern_name]()
+    mask, position_ids = case_inputs(case)
+    layout = static_layout(pattern, mask, position_ids, block_q=pattern.block_size, block_k=pattern.block_size)
+    merged = layout.merged(4)
+    assert merged.block_q == 4 * layout.block_q
+    assert torch.equal(merged.to_dense(), layout.to_dense())
+
+
+def test_merged_layout_band_strides_by_the_merge():
+    """Four merged 32-blocks of a 256 window: blocks fully allowed to all 128 rows are the 7 under the
+    first member's diagonal minus the 3 its later members push past the window edge."""
+    layout = static_layout(SlidingWindowPattern(256, 4, 32), make_mask(1, 1024, 1024), None, block_q=32, block_k=32)
+    band = layout.merged(4).band()
+    assert band is not None and (band.first, band.stride, band.width, band.offset) == (1, 4, 4, 0)
+    dense = layout.to_dense()[0, 0]
+    for i in range(2, 8):  # from the first merged block with a block below its band
+        lo = i * band.stride + band.offset - band.width
+        assert dense[i * 128 : (i + 1) * 128, lo * 32 : (lo + band.width) * 32].all()
+        assert not dense[i * 128 : (i + 1) * 128, (lo - 1) * 32 : lo * 32].all()
+
+
+@pytest.mark.parametrize(("heads", "merge"), [(2, 4), (4, 2)])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_fused_executor_on_merged_query_blocks(monkeypatch, heads, merge, sinks):
+    """The fused path merges query blocks into taller kernel tiles when the merged layout keeps a band (here
+    forced by a small tile size): outputs and gradients still equal the reference, with GQA and sinks."""
+    if not block_fused_cpu.available(torch.zeros(1), None):
+        pytest.skip("this torch has no fused CPU flash kernels")
+    monkeypatch.setattr(block_fused_cpu, "TILE_ROWS", 32)
+    plans = []
+    plan = block_fused_cpu._plan
+    monkeypatch.setattr(block_fused_cpu, "_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
+    torch.manual_seed(0)
+    pattern = SlidingWindowPattern(window=96, sinks=3, block_size=8)
+    mask = make_mask(2, 128, 128)
+    q = torch.randn(2, heads, 128, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 128, 16, requires_grad=True) for _ in range(2))
+    sink = torch.randn(heads, requires_grad=True) if sinks else None
+    inputs = [q, k, v] + ([sink] if sinks else [])
+    layout = static_layout(pattern, mask, None, block_q=8, block_k=8)
+    out = block_attention(q, k, v, layout, 0.3, sink_logit=sink)
+    assert [p.merge for p in plans] == [merge]
+    ref, _ = reference_attention(q, k, v, reference_mask(mask, pattern, None, heads), 0.3, sink_logit=sink)
+    assert (out - ref).abs().max() < TOL
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((out * grad).sum(), inputs), torch.autograd.grad((ref * grad).sum(), inputs)):
+        assert (a - b).abs().max() < TOL

@@ -42,6 +42,17 @@ class BlockLayout:
             self._memo["band"] = find_band(self)
         return self._memo["band"]
 
+    def merged(self, factor: int) -> BlockLayout:
+        """The same pairs with `factor` consecutive query blocks merged into one (cached).
+
+        A merged block keeps the union of its members' key blocks; each member's rows keep their own mask
+        and are masked out of blocks that member does not keep. Fused kernels run taller query tiles this
+        way (torch's CPU flash backward is about 1.5x faster per pair on 256 rows than on 64).
+        """
+        if ("merged", factor) not in self._memo:
+            self._memo[("merged", factor)] = _merge_q_blocks(self, factor)
+        return self._memo[("merged", factor)]
+
     @property
     def groups(self) -> int:
         return self.kv_blocks.shape[1]
@@ -75,11 +86,12 @@ class BlockLayout:
 class Band:
     """A diagonal band of fully-allowed key blocks, identical in shape for every query block >= `first`.
 
-    Query block i (>= first) reads key blocks [i + offset - width, i + offset) entirely (every row, every
-    group, no token mask), so executors can run them from an overlapping strided view of K/V without
-    copying and without a mask. `rest_blocks`/`rest_mask` hold everything else: the other kept blocks
-    of banded query blocks (sinks, partial diagonal and window-edge blocks) and all kept blocks of the
-    query blocks before `first`. Sliding-window and streaming (LoZA) layouts are mostly band.
+    Query block i (>= first) reads key blocks [i * stride + offset - width, i * stride + offset) entirely
+    (every row, every group, no token mask; `stride` = block_q / block_k), so executors can run them from
+    an overlapping strided view of K/V without copying and without a mask. `rest_blocks`/`rest_mask` hold
+    everything else: the other kept blocks of banded query blocks (sinks, partial diagonal and window-edge
+    blocks) and all kept blocks of the query blocks before `first`. Sliding-window and streaming (LoZA)
+    layouts are mostly band.
     """
 
     first: int
@@ -87,6 +99,7 @@ class Band:
     offset: int
     rest_blocks: torch.Tensor  # (B, G, NQ, Kr) long, -1 = unused
     rest_mask: torch.Tensor  # (B, G, NQ, Kr, BQ, BK) bool
+    stride: int = 1
     _memo: dict = field(default_factory=dict, repr=False)
 
     def rest_used(self) -> list[int]:
@@ -112,8 +125,9 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def find_band(layout: BlockLayout) -> Band | None:
     kv, mask = layout.kv_blocks, layout.mask
     b, g, nq, _ = kv.shape
-    if layout.block_q != layout.block_k or nq < 2:
+    if layout.block_q % layout.block_k or nq < 2:
         return None
+    stride = layout.block_q // layout.block_k
     device = kv.device
     nkb = (layout.kv_len + layout.block_k - 1) // layout.block_k
     kept_full = (kv >= 0) & mask.all(dim=-1).all(dim=-1)
@@ -122,11 +136,11 @@ def find_band(layout: BlockLayout) -> Band | None:
     table = table[..., :nkb]
     last = kv.max(dim=-1).values  # (B, G, NQ): the diagonal block of each query block
     qi = torch.arange(nq, device=device)
-    offset = int(last[0, 0, -1]) - (nq - 1)
+    offset = int(last[0, 0, -1]) - (nq - 1) * stride
     steps = torch.arange(1, nkb + 1, device=device)
-    below = last[..., None] - steps  # blocks under the diagonal, nearest first
+    below = last[..., None] - (stride - 1) - steps  # blocks under the block's diagonal stretch, nearest first
     run = (table.gather(-1, below.clamp(min=0)) & (below >= 0)).int().cumprod(-1).sum(-1)  # (B, G, NQ)
-    run = torch.where(last == qi + offset, run, torch.zeros_like(run)).amin(dim=(0, 1))  # (NQ,)
+    run = torch.where(last == qi * stride + offset, run, torch.zeros_like(run)).amin(dim=(0, 1))  # (NQ,)
     width = int(run.max())
     if width < 2:
         return None
@@ -134,7 +148,8 @@ def find_band(layout: BlockLayout) -> Band | None:
     first = int(nq - ok.sum())
     if first >= nq:
         return None
-    lo = (qi + offset - width).view(1, 1, nq, 1)
+    offset -= stride - 1  # the band ends where the diagonal stretch begins
+    lo = (qi * stride + offset - width).view(1, 1, nq, 1)
     in_band = (kv >= lo) & (kv < lo + width) & (qi >= first).view(1, 1, nq, 1)
     rest = torch.where(in_band, -1, kv)
     order = torch.where(rest >= 0, rest, nkb).sort(dim=-1)
@@ -143,7 +158,33 @@ def find_band(layout: BlockLayout) -> Band | None:
     rest_blocks = torch.where(order.values[..., :k_rest] < nkb, order.values[..., :k_rest], -1)
     rest_mask = mask.gather(3, slots[..., None, None].expand(-1, -1, -1, -1, *mask.shape[-2:]))
     rest_mask = rest_mask & (rest_blocks >= 0)[..., None, None]
-    return Band(first, width, offset, rest_blocks, rest_mask)
+    return Band(first, width, offset, rest_blocks, rest_mask, stride)
+
+
+def _merge_q_blocks(layout: BlockLayout, factor: int) -> BlockLayout:
+    """`BlockLayout.merged`: query blocks padded to a multiple of `factor` (padding rows keep nothing)."""
+    kv, mask = layout.kv_blocks, layout.mask
+    b, g, nq, k = kv.shape
+    bq, bk = layout.block_q, layout.block_k
+    nqm = -(-nq // factor)
+    extra = nqm * factor - nq
+    kv = torch.cat([kv, kv.new_full((b, g, extra, k), -1)], dim=2).view(b, g, nqm, factor * k)
+    mask = torch.cat([mask, mask.new_zeros((b, g, extra, *mask.shape[3:]))], dim=2)
+    nkb = (layout.kv_len + bk - 1) // bk
+    union = torch.where(kv >= 0, kv, nkb).sort(dim=-1).values
+    repeat = torch.zeros_like(union, dtype=torch.bool)
+    repeat[..., 1:] = union[..., 1:] == union[..., :-1]
+    union = torch.where(repeat, nkb, union).sort(dim=-1).values  # distinct blocks first, nkb after
+    km = max(int((union < nkb).sum(-1).max()), 1)
+    # each member slot goes to the merged slot holding its block; unused member slots to a dropped extra slot
+    slot = torch.searchsorted(union, torch.where(kv >= 0, kv, nkb)).clamp(max=km)
+    merged = mask.new_zeros((b, g, nqm, km + 1, factor, bq, bk))
+    idx = [torch.arange(n, device=kv.device).view(*([1] * i), n, *([1] * (3 - i))) for i, n in enumerate((b, g, nqm))]
+    member = torch.arange(factor, device=kv.device).repeat_interleave(k).view(1, 1, 1, -1)
+    merged[(*idx, slot, member)] = mask.view(b, g, nqm, factor * k, bq, bk)
+    blocks = torch.where(union[..., :km] < nkb, union[..., :km], -1)
+    merged = merged[:, :, :, :km].reshape(b, g, nqm, km, factor * bq, bk)
+    return BlockLayout(factor * bq, bk, layout.q_len, layout.kv_len, blocks, merged)
 
 
 def _block_q(block_q: int, q_len: int) -> int:
