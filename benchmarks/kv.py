@@ -3,6 +3,7 @@
     python benchmarks/kv.py                                   # 16K..256K, every variant and tier
     python benchmarks/kv.py --lengths 131072 --variants dsa --tiers default disk
     python benchmarks/kv.py --million                         # the 1M-token run (sliding window, disk tier)
+    python benchmarks/kv.py --lengths 4096 16384 65536 --variants dense ksa csa hca --tiers default device
 
 Each measurement runs in a fresh subprocess (2 threads, fp32), so its peak RSS is its own. The model is a
 tiny random Llama shaped like a real one where it matters for the cache (4 layers, 4 KV heads of dim 64:
@@ -13,9 +14,10 @@ are decoded greedily through the model after 2 warm-up steps.
 
 Columns: decode tokens/s and its ratio to the default cache (transformers' `DynamicCache`) of the same
 variant at the same length; resident KV (bytes on the compute device at the end: hot blocks, open tail,
-indexer keys) and its ratio to the default cache's; lower-tier bytes read per decoded token; fill
-seconds; peak RSS. With `--fill model`, dense attention stops at 64K: its prefill is O(N^2) (minutes per
-run on 2 cores beyond that). Results also go to a JSON file and a PNG plot.
+indexer keys, compressed entries) and its ratio to the default cache's (which holds every raw token: for
+the compressed variants, their KV bytes per token against dense attention); lower-tier bytes read per
+decoded token; fill seconds; peak RSS. With `--fill model`, dense attention stops at 64K: its prefill is
+O(N^2) (minutes per run on 2 cores beyond that). Results also go to a JSON file and a PNG plot.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ VARIANTS = {
     "full": "full",  # the same attention through lcplug's dispatcher: spilled blocks are streamed
     "sliding-window": "sliding-window:window=2048,sinks=4,block_size=64",
     "dsa": "dsa:stage=sparse,topk=2048,block_size=64,heads=4,dim=16",
+    # compressed layers at their published geometries: the tiers keep the raw window plus pooled entries
+    "ksa": "ksa:chunk=8,window=128,block_size=64",
+    "csa": "csa:size=8,stride=4,window=128,topk=512,heads=4,dim=64,block_size=64",
+    "hca": "hca:size=128,window=128,block_size=64",
 }
 TIERS = ("default", "device", "host", "disk")
 HOT_TOKENS = 4096
@@ -106,9 +112,9 @@ def _fill(model, cache, length: int, how: str):
 
     `model`: a real chunked prefill through `model(...)`. `synthetic`: every layer's K/V drawn at random and
     stored through `cache.update`, as the attention layers would store them (DSA layers compute their
-    indexer keys from them): the cache then holds exactly what a prefill leaves, without the prefill's
-    O(N^2) attention (dense) or indexer (DSA), which would take hours at 128K on 2 cores. Decode is the
-    model's real forward either way.
+    indexer keys from them, compressed layers pool their entries): the cache then holds exactly what a
+    prefill leaves, without the prefill's O(N^2) attention (dense) or indexer (DSA), which would take hours
+    at 128K on 2 cores. Decode is the model's real forward either way.
     """
     import torch
 

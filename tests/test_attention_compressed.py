@@ -12,7 +12,14 @@ import pytest
 import torch
 
 import lcplug
-from lcplug.attention.compress import ChunkWindowPattern, Compressor, Geometry, entry_visibility, find_entries
+from lcplug.attention.compress import (
+    ChunkWindowPattern,
+    Compressor,
+    Geometry,
+    RawRetention,
+    entry_visibility,
+    find_entries,
+)
 from lcplug.attention.compressed import CompressedAttention, compressed_layers, distill_loss
 from lcplug.testing import decode_prefill_gap, logits, padded_batch, tiny_model
 from lcplug.testing.conformance import check_pattern_coverage, check_plugin
@@ -103,6 +110,23 @@ def test_visibility_rules():
     ]
     check_pattern_coverage(ChunkWindowPattern(3, chunk=4, block_size=4))
     check_pattern_coverage(ChunkWindowPattern(5, block_size=4))
+
+
+@pytest.mark.parametrize(
+    "geometry", [Geometry(4, 4, 2, chunk=4, disjoint=True), Geometry(8, 4, 5), Geometry(16, 16, 6)]
+)
+def test_raw_retention_keeps_the_window_and_every_open_entry_window(geometry):
+    """What a KV tier keeps raw once `n` tokens are stored: every key the next query's raw window reads, and
+    every token of an entry not complete yet (pooled when its last token arrives), nothing older."""
+    retention = RawRetention(geometry, block_size=4)
+    check_pattern_coverage(retention)
+    for n in range(60):
+        complete = find_entries(torch.arange(n)[None], geometry.size, geometry.stride)
+        assert int(geometry.complete(torch.tensor(n))) == complete.count == geometry.entries_at(n)
+        open_starts = [s for s in range(0, n, geometry.stride) if s + geometry.size > n]
+        window = int(geometry.raw_pattern(4).window_start(torch.tensor(n)))
+        kept = int(retention.start(torch.tensor(n)))
+        assert kept == min([window, *open_starts]), n
 
 
 def test_limits_plain_model_sliding_window_and_all_entries(rows):

@@ -6,7 +6,9 @@ tensor with a `CompactKV` saying which blocks those are. Executors then run on a
 indices are remapped to the compact tensors (`compact_layout`); the token mask is unchanged, since it was
 evaluated at the full sequence's indices. Layers whose selection depends on content (DSA) get a compact
 tensor of the blocks already at hand plus `fetch`, to ask for the blocks they select, and `index_keys`,
-the per-token keys they select by, so selecting never reads the full K/V.
+the per-token keys they select by, so selecting never reads the full K/V. Compressed layers (ksa, csa,
+hca) get their raw window plus `entries`, the compressed entries the cache pooled once and kept, so the
+raw tokens behind them can be gone.
 
 The tag is a tensor attribute because the key tensor is the only object transformers passes unchanged
 from `Cache.update` to the attention function. `compact_of` also checks lengths, so a compact tensor that
@@ -17,11 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .blocks import BlockLayout
 from .pattern import Pattern
+
+if TYPE_CHECKING:
+    from .compress import CachedEntries, Pooling
 
 ATTR = "_lcplug_compact"
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -33,7 +39,8 @@ class CompactKV:
 
     `length` is the full sequence length; the last block may be partial (the open tail of a cache).
     `fetch(blocks)` returns compact (keys, values) of exactly those blocks (tagged); `index_keys` (B, L, d)
-    are a content-selecting layer's per-token selection keys for the whole sequence, or None.
+    are a content-selecting layer's per-token selection keys for the whole sequence, or None; `entries` a
+    compressed layer's pooled entries (`compress.CachedEntries`), or None.
     """
 
     blocks: list[int]
@@ -41,6 +48,7 @@ class CompactKV:
     length: int
     fetch: Callable[..., KV] | None = None
     index_keys: torch.Tensor | None = None
+    entries: CachedEntries | None = None
     _lut: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -70,13 +78,17 @@ class LayerAccess:
     `pattern`: a static pattern (the layer reads, so a cache keeps, only its blocks), or None; `index`: for a
     layer that selects blocks by content (DSA), the function turning new key states (B, Hkv, L, D) into its
     per-token selection keys (B, L, d), or None; `block_size`: the layer's own block size (None for dense
-    layers); `compact`: the layer's attention takes compact K/V instead of full-length tensors.
+    layers); `compact`: the layer's attention takes compact K/V instead of full-length tensors; `compress`:
+    for a compressed layer (ksa, csa, hca), how the cache pools its entries (`compress.Pooling`), or None.
+    Its `pattern` is then the raw window: the cache keeps raw tokens only for it and the open entry
+    windows, stores each entry once it completes and hands the layer both.
     """
 
     pattern: Pattern | None = None
     index: Callable[[torch.Tensor], torch.Tensor] | None = None
     block_size: int | None = None
     compact: bool = False
+    compress: Pooling | None = None
 
 
 def tag(keys: torch.Tensor, info: CompactKV) -> torch.Tensor:

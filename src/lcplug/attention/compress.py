@@ -18,10 +18,15 @@ Keys are pooled after the model's RoPE (the attention function receives them rot
 keys keeps the low-frequency (long-range) components of their position and averages away the fastest
 ones, the part of position that a window of `size` tokens cannot resolve anyway. No normalisation is
 applied to pooled keys: it would move them off the scale the model's queries were trained against.
+
+A KV cache can store entries instead of the raw tokens they cover (`Pooling`, declared through
+`LayerAccess.compress`): each entry is pooled once, when its window completes, and handed back as
+`CachedEntries`; the cache keeps raw only what `RawRetention` says future queries or entries still need.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +101,37 @@ class Geometry:
     def entries_at(self, length: int) -> int:
         """Complete entries of a sequence of `length` tokens (what a cache keeps in compressed form)."""
         return 0 if length < self.size else (length - self.size) // self.stride + 1
+
+    def complete(self, length: torch.Tensor) -> torch.Tensor:
+        """`entries_at` per row: complete entries of sequences of `length` (a long tensor) tokens."""
+        return ((length - self.size).div(self.stride, rounding_mode="floor") + 1).clamp(min=0)
+
+    def pending_start(self, q_pos: torch.Tensor) -> torch.Tensor:
+        """First position of the first entry still incomplete when the token at `q_pos` arrives: its raw
+        tokens must be kept until that entry is pooled."""
+        return self.complete(q_pos) * self.stride
+
+
+class RawRetention(Pattern):
+    """The raw keys a cache must still hold for the queries at or after a position: the raw window and the
+    tokens of every entry window not yet complete (pooled once its last token arrives), whichever starts
+    first. A cache's retention rule, not an attention pattern (`kv.needs.blocks_needed` reads it)."""
+
+    def __init__(self, geometry: Geometry, block_size: int):
+        self.geometry, self.block_size = geometry, block_size
+        self.raw = geometry.raw_pattern(block_size)
+
+    def start(self, q_pos: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(self.raw.window_start(q_pos), self.geometry.pending_start(q_pos))
+
+    def allows(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, head_group: torch.Tensor | None = None) -> torch.Tensor:
+        return kv_pos >= self.start(q_pos)
+
+    def key_intervals(self, q_lo: torch.Tensor, q_hi: torch.Tensor, head_group: int = 0) -> list[Interval]:
+        return [(self.start(q_lo), q_hi + 1)]
+
+    def describe(self) -> str:
+        return f"{self.raw.describe()} + open entry windows"
 
 
 @dataclass
@@ -173,3 +209,29 @@ class Compressor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kv_heads={self.score.shape[0]}, size={self.size}"
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a KV cache pools a compressed layer's entries itself (`LayerAccess.compress`): where they sit
+    (`geometry`), the layer's `compressor`, and `index`, turning pooled keys (B, Hkv, Nc, D) into the
+    indexer keys (B, Nc, d) of a layer that selects entries (CSA), or None."""
+
+    geometry: Geometry
+    compressor: Compressor
+    index: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def retention(self, block_size: int) -> RawRetention:
+        return RawRetention(self.geometry, block_size)
+
+
+@dataclass
+class CachedEntries:
+    """The entries a KV cache hands a compressed layer (`CompactKV.entries`): `entries` (slots in the full
+    sequence, start positions, validity per row), pooled `keys`/`values` (B, Hkv, Nc, D) and, for a
+    selecting layer, their `index_keys` (B, Nc, d)."""
+
+    entries: Entries
+    keys: torch.Tensor
+    values: torch.Tensor
+    index_keys: torch.Tensor | None = None

@@ -12,9 +12,13 @@ Two executions of the same math, tested against each other:
   the selected entries through the same executor on a layout built from the selection, merged exactly
   through their log-sum-exps. Only the torch executor returns log-sum-exps, so it runs every branch.
 
-Entries are pooled afresh from the raw K/V at hand in every call (decode included): correct with any
-cache. What a cache *needs* to keep is the raw window plus the entries (`kv_bytes_per_token`), which is
-the memory these methods save; a tier that stores entries instead of raw tokens would realise it.
+Where the entries come from: given plain K/V (transformers' `DynamicCache`, no cache, training), a layer
+pools them afresh from the raw K/V at hand in every call (decode included). lcplug's KV tiers store them
+instead (`kv_access` declares a `compress.Pooling`): the cache pools each entry once, when its window
+completes, keeps raw only the window and the open entry windows (`kv_bytes_per_token`, the memory these
+methods save), and hands the layer its raw blocks (compact K/V) with the entries in the tag
+(`CompactKV.entries`); the layer then reads those and pools nothing. NSA keeps every raw token (its
+selection branch may read any block) and always pools afresh.
 
 Retrofit training (`compress_parameters`, `distill_loss`): with `distill` switched on each layer also runs
 the model's own attention on the same query/key/value, detached, and records the mean squared error of
@@ -32,7 +36,8 @@ from torch import nn
 
 from .block_torch import CHUNK_ELEMENTS, block_attention
 from .blocks import BlockLayout, layout_from_blocks, static_layout
-from .compress import Compressor, Entries, Geometry, entry_visibility, find_entries
+from .compact import CompactKV, LayerAccess, compact_layout, compact_of, expand, full_kv
+from .compress import CachedEntries, Compressor, Entries, Geometry, Pooling, entry_visibility, find_entries
 from .executors import choose
 from .indexer import LightningIndexer, blocks_from_selection, concat_blocks, index_scores, top_k_mask
 from .layer import LayerAttention, dense_allowed
@@ -56,6 +61,7 @@ class _Call:
     scaling: float
     softcap: float | None
     position_ids: torch.Tensor | None
+    compact: CompactKV | None = None  # the key tensor holds only these blocks (a KV tier's raw window)
 
     @property
     def lazy(self) -> bool:
@@ -121,20 +127,54 @@ class CompressedAttention(LayerAttention):
             or not isinstance(mask, LazyMask)
             or bool(dropout and module.training)
         )
-        call = self._call(module, query, key, mask, scale, kw)
-        entries = find_entries(call.kv_pos, self.geometry.size, self.geometry.stride)
-        ck, cv = self.compressor(key, value, entries)
-        if dense:
-            out = self.dense(module, query, key, value, ck, cv, entries, call, dropout)
+        compact = compact_of(key, mask.kv_length if isinstance(mask, LazyMask) else None)
+        if compact is not None and compact.entries is None:  # a cache that holds raw blocks only
+            key, value = full_kv(key, value, compact)
+            compact = None
+        call = self._call(module, query, key, mask, scale, kw, compact)
+        if compact is not None:  # a KV tier's raw window and the entries it pooled
+            cached = self._cached(call)
+            entries, ck, cv, index_keys = cached.entries, cached.keys, cached.values, cached.index_keys
+            if dense:  # the reference reads full-length keys: the raw window in place, zeros it never reaches
+                key, value = expand(key, value, compact)
         else:
-            out = self.blocks(query, key, value, ck, cv, entries, call)
+            entries = find_entries(call.kv_pos, self.geometry.size, self.geometry.stride)
+            (ck, cv), index_keys = self.compressor(key, value, entries), None
+        if dense:
+            out = self.dense(module, query, key, value, ck, cv, entries, call, dropout, index_keys)
+        else:
+            out = self.blocks(query, key, value, ck, cv, entries, call, index_keys)
         self.loss = self._distill(module, query, key, value, mask, out, scale, kw) if self.distill else None
         return out, None
 
-    def dense(self, module, query, key, value, ck, cv, entries: Entries, call: _Call, dropout: float) -> torch.Tensor:
+    def _cached(self, call: _Call) -> CachedEntries:
+        """The entries a KV tier handed over (`compress.CachedEntries`), checked against this call's positions:
+        a cache and a layer that counted positions differently would read wrong entries silently."""
+        if self.distill:
+            raise RuntimeError(
+                "compressed attention: distillation runs the model's own attention over every raw key, which a "
+                "KV tier no longer holds; train without the tiered cache (use_cache=False or the default cache)"
+            )
+        if call.q_pos.shape[1] == call.kv_pos.shape[1] and bool((call.kv_pos.diff(dim=-1) != 1).any()):
+            raise RuntimeError(
+                "compressed attention: position ids that restart or jump (packed rows?) cannot be served by a KV "
+                "tier, whose entries follow one position per slot; use the default cache"
+            )
+        cached = call.compact.entries
+        e = cached.entries
+        if e.count and bool((e.valid & (call.kv_pos.gather(1, e.slots) != e.start)).any()):
+            raise RuntimeError(
+                "compressed attention: the KV tier's entries sit at positions this call does not give their slots "
+                "(position ids that do not count from each row's first real token?)"
+            )
+        return cached
+
+    def dense(
+        self, module, query, key, value, ck, cv, entries: Entries, call: _Call, dropout: float, index_keys=None
+    ) -> torch.Tensor:
         """The reference: raw keys and selected entries concatenated, one masked softmax, O(N^2)."""
         raw = self._raw_allowed(call)
-        chosen = torch.cat(self._entry_chunks(query, ck, entries, call), dim=1)[:, None]
+        chosen = torch.cat(self._entry_chunks(query, ck, entries, call, index_keys), dim=1)[:, None]
         out, _ = reference_attention(
             query,
             torch.cat([key, ck], dim=2),
@@ -148,7 +188,7 @@ class CompressedAttention(LayerAttention):
         )
         return out
 
-    def blocks(self, query, key, value, ck, cv, entries: Entries, call: _Call) -> torch.Tensor:
+    def blocks(self, query, key, value, ck, cv, entries: Entries, call: _Call, index_keys=None) -> torch.Tensor:
         """The block path: the raw window and the selected entries, each through the block executor, merged."""
         raw = block_attention(
             query,
@@ -162,14 +202,21 @@ class CompressedAttention(LayerAttention):
         )
         if entries.count == 0:
             return raw[0]
-        layout = self._entry_layout(query, self._entry_chunks(query, ck, entries, call), entries.count)
+        layout = self._entry_layout(query, self._entry_chunks(query, ck, entries, call, index_keys), entries.count)
         compressed = block_attention(query, ck, cv, layout, call.scaling, softcap=call.softcap, return_lse=True)
         parts = [(out.transpose(1, 2), lse) for out, lse in (raw, compressed)]
         return merge_partials(parts, parts[0][0])[0].transpose(1, 2)
 
     # ---- pieces shared with the gated variant ------------------------------------------------------------
 
-    def _call(self, module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, kw: dict) -> _Call:
+    def _call(
+        self, module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, kw: dict, compact=None
+    ) -> _Call:
+        if compact is not None and not isinstance(mask, LazyMask):
+            raise RuntimeError(
+                "compressed attention got a KV tier's compact K/V with a mask that is not lcplug's lazy mask; "
+                "run the model through lcplug.patch (its dispatcher builds the mask)"
+            )
         if isinstance(mask, LazyMask):
             q_pos, kv_pos = pattern_positions(mask, kw.get("position_ids"), query.device)
         else:
@@ -177,7 +224,7 @@ class CompressedAttention(LayerAttention):
             lq, lkv = query.shape[2], key.shape[2]
             kv_pos = torch.arange(lkv, device=query.device)[None].expand(query.shape[0], -1)
             q_pos = kv_pos[:, lkv - lq :]
-        return _Call(mask, q_pos, kv_pos, scaling, kw.get("softcap"), kw.get("position_ids"))
+        return _Call(mask, q_pos, kv_pos, scaling, kw.get("softcap"), kw.get("position_ids"), compact)
 
     def _rows(self, call: _Call, width: int, heads: int) -> int:
         """Queries per chunk of the selection loop: a multiple of the query block, bounded in memory."""
@@ -195,7 +242,8 @@ class CompressedAttention(LayerAttention):
 
     def _raw_layout(self, call: _Call) -> BlockLayout:
         bs = self.block_size
-        return static_layout(self.pattern_raw, call.mask, call.position_ids, block_q=bs, block_k=bs)
+        layout = static_layout(self.pattern_raw, call.mask, call.position_ids, block_q=bs, block_k=bs)
+        return compact_layout(layout, call.compact) if call.compact is not None else layout
 
     def _visible_entries(self, q0: int, q1: int, entries: Entries, call: _Call) -> torch.Tensor:
         """(B, Lc, Nc): entries queries [q0, q1) may read: complete, and both window ends allowed by the model."""
@@ -203,13 +251,14 @@ class CompressedAttention(LayerAttention):
         visible = entry_visibility(call.q_pos[:, q0:q1], entries, self.geometry)
         return visible & call.sees(q0, q1, entries.slots) & call.sees(q0, q1, last)
 
-    def _entry_chunks(self, query, ck, entries: Entries, call: _Call) -> list[torch.Tensor]:
+    def _entry_chunks(self, query, ck, entries: Entries, call: _Call, index_keys=None) -> list[torch.Tensor]:
         """Per chunk of queries, the entries each query reads (B, Lc, Nc): the visible ones, or their top-k
-        by the indexer; records the indexer loss when asked."""
+        by the indexer (scoring `index_keys`, the entries' indexer keys a KV tier kept, when given); records
+        the indexer loss when asked."""
         lq = query.shape[2]
         rows = self._rows(call, entries.count, query.shape[1])
         want_loss = self.compute_indexer_loss and self.indexer is not None
-        scorer = self._scorer(query, ck) if self.indexer is not None else None
+        scorer = self._scorer(query, ck, index_keys) if self.indexer is not None else None
         chunks, loss_sum, count = [], None, 0
         for q0 in range(0, lq, rows):
             q1 = min(lq, q0 + rows)
@@ -230,13 +279,13 @@ class CompressedAttention(LayerAttention):
             self.indexer_loss = loss_sum / max(count, 1) if loss_sum is not None else ck.sum() * 0
         return chunks
 
-    def _scorer(self, query, ck) -> Callable[[int, int], torch.Tensor]:
+    def _scorer(self, query, ck, index_keys=None) -> Callable[[int, int], torch.Tensor]:
         """Index scores (B, Lc, Nc) of a chunk of queries; differentiable (w.r.t. the indexer only) when its
         loss is on."""
         track = self.compute_indexer_loss and torch.is_grad_enabled()
         with torch.set_grad_enabled(track):
             q_i, w = self.indexer.queries(query.detach())
-            k_i = self.indexer.keys(ck.detach())
+            k_i = index_keys if index_keys is not None and not track else self.indexer.keys(ck.detach())
 
         def score(q0: int, q1: int) -> torch.Tensor:
             with torch.set_grad_enabled(track):
@@ -262,6 +311,17 @@ class CompressedAttention(LayerAttention):
         return (diff * weight).sum() / (weight.sum() * diff.shape[2] * diff.shape[3]).clamp_min(1.0)
 
     # ---- what a cache needs ------------------------------------------------------------------------------
+
+    def kv_access(self) -> LayerAccess:
+        """A KV tier keeps raw only this layer's window (and the open entry windows), pools each entry once
+        with this layer's compressor (and indexer keys), and hands over both (see the module docstring)."""
+        index = self.indexer.keys if self.indexer is not None else None
+        return LayerAccess(
+            pattern=self.pattern_raw,
+            block_size=self.block_size,
+            compact=True,
+            compress=Pooling(self.geometry, self.compressor, index),
+        )
 
     def raw_tokens_kept(self, length: int) -> int:
         """Raw tokens a cache must keep for this layer at `length` tokens."""
@@ -317,8 +377,10 @@ class GatedCompressedAttention(CompressedAttention):
         mix = torch.einsum("bhld,hdc->blhc", query, self.gate_weight.to(query.dtype))
         return (mix + self.gate_bias.to(query.dtype)).clamp(0.0, 1.0)
 
-    def dense(self, module, query, key, value, ck, cv, entries: Entries, call: _Call, dropout: float) -> torch.Tensor:
-        visible = torch.cat(self._entry_chunks(query, ck, entries, call), dim=1)
+    def dense(
+        self, module, query, key, value, ck, cv, entries: Entries, call: _Call, dropout: float, index_keys=None
+    ) -> torch.Tensor:
+        visible = torch.cat(self._entry_chunks(query, ck, entries, call, index_keys), dim=1)
         raw = call.mask.dense() if call.lazy else call.mask
         selected = torch.cat(list(self._selections(query, ck, entries, visible, call)), dim=1)
         kw = {"softcap": call.softcap, "dropout": dropout, "training": module.training}
@@ -331,8 +393,8 @@ class GatedCompressedAttention(CompressedAttention):
         win = reference_attention(query, key, value, self._raw_allowed(call), call.scaling, **kw)[0]
         return self._mix(query, [cmp, slc, win])
 
-    def blocks(self, query, key, value, ck, cv, entries: Entries, call: _Call) -> torch.Tensor:
-        chunks = self._entry_chunks(query, ck, entries, call)
+    def blocks(self, query, key, value, ck, cv, entries: Entries, call: _Call, index_keys=None) -> torch.Tensor:
+        chunks = self._entry_chunks(query, ck, entries, call, index_keys)
         run = {"scaling": call.scaling, "softcap": call.softcap}
         cmp = (
             block_attention(query, ck, cv, self._entry_layout(query, chunks, entries.count), **run)
@@ -401,6 +463,10 @@ class GatedCompressedAttention(CompressedAttention):
         if call.softcap is not None:
             scores = torch.tanh(scores / call.softcap) * call.softcap
         return masked_softmax(scores.float(), visible[:, None, None]).sum((1, 2))
+
+    def kv_access(self) -> LayerAccess:
+        """Every raw key, in full (the slc branch may read any block); entries are pooled afresh per call."""
+        return LayerAccess()
 
     def kv_bytes_per_token(self, length: int, dtype_bytes: int = 2) -> float:
         """The slc branch may read any raw block, so NSA keeps every raw token and the entries on top:

@@ -15,6 +15,14 @@ What `update` returns depends on how the layer's attention reads keys (`LayerAcc
 - any other layer gets the full-length K/V the model's mask expects (slot i = token i): all blocks for a
   dense layer; for a pattern layer whose attention cannot take compact K/V, the blocks it needs with zeros
   elsewhere, which its pattern never lets a query attend to.
+
+A compressed layer (ksa, csa, hca: `LayerAccess.compress`) is a pattern layer whose pattern is its raw
+window, plus entries (`entries.EntryStore`): each update first pools the entries its tokens complete,
+from the raw K/V still held, then hands over the raw blocks the queries need with every entry held in the
+tag (`CompactKV.entries`), then drops the raw blocks that neither the raw window of a future query nor an
+incomplete entry window needs (`compress.RawRetention`). Entries are counted on positions, so this needs
+position ids that count one per slot from each row's first real token (what `generate` passes); other
+position ids raise `KVCacheError`.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..attention.compact import CompactKV, LayerAccess, compact_of, expand, tag
 from ..attention.pattern import Pattern
+from .entries import EntryStore
 from .errors import KVCacheError
 from .needs import FUTURE, blocks_needed
 from .placement import Placement
@@ -53,6 +62,9 @@ class TieredLayer(CacheLayerMixin):
         self.layer_idx, self.block_size = layer_idx, block_size
         self.access = access or LayerAccess()
         self.pattern: Pattern | None = self.access.pattern
+        pooling = self.access.compress
+        self.entries = EntryStore(pooling) if pooling is not None else None
+        self.retention: Pattern | None = pooling.retention(block_size) if pooling is not None else self.pattern
         self.store, self.placement = store, placement
         self.length = 0
         self.hot: dict[int, KV] = {}
@@ -65,6 +77,8 @@ class TieredLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.tail: KV = (key_states[..., :0, :].clone(), value_states[..., :0, :].clone())
+        if self.entries is not None:
+            self.entries.start(key_states)
         self.is_initialized = True
 
     # ---- the Cache layer interface ------------------------------------------------------------------
@@ -78,6 +92,11 @@ class TieredLayer(CacheLayerMixin):
         if self.access.index is not None:
             self._append_index(key_states)
         positions = _position_ids(args, kwargs)
+        if self.entries is not None and positions is None:
+            raise KVCacheError(
+                f"kv: layer {self.layer_idx} is compressed attention, whose cache needs the tokens' position ids; "
+                "pass position_ids (generate does)"
+            )
         if self.access.index is not None and self.access.compact:
             keys, values = self.fetch([])  # the layer fetches what its selection needs
         elif self.pattern is None and self.access.compact:
@@ -86,6 +105,8 @@ class TieredLayer(CacheLayerMixin):
             keys, values = self._gather()
         else:
             shift = (start + positions.shape[-1] - 1) - positions[:, -1].long()
+            if self.entries is not None:
+                self._pool(positions, start, shift.expand(key_states.shape[0]))
             needed = blocks_needed(
                 self.pattern, positions.amin(-1), positions.amax(-1), shift, self.block_size, self.sealed
             )
@@ -106,6 +127,8 @@ class TieredLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        if self.entries is not None:
+            self.entries = EntryStore(self.access.compress)
         self.hot.clear()
         self.last_use.clear()
         self.reads.clear()
@@ -143,16 +166,18 @@ class TieredLayer(CacheLayerMixin):
             "dropped": self.sealed - len(self.hot) - spilled,
             "bytes_read": self.store.bytes_read if self.store is not None else 0,
             "resident_bytes": self.resident_bytes(),
+            "entries": self.entries.count if self.entries is not None else 0,
         }
 
     def resident_bytes(self) -> int:
-        """Bytes this layer holds on its device: hot blocks, the open tail and selection keys."""
+        """Bytes this layer holds on its device: hot blocks, the open tail, selection keys and compressed entries."""
         tensors = [t for block in self.hot.values() for t in block]
         if self.is_initialized:
             tensors += list(self.tail)
         if self.index_keys is not None:
             tensors.append(self.index_keys[:, : self.length])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        entries = self.entries.resident_bytes() if self.entries is not None else 0
+        return sum(t.numel() * t.element_size() for t in tensors) + entries
 
     @property
     def prefetchable(self) -> bool:
@@ -198,7 +223,8 @@ class TieredLayer(CacheLayerMixin):
         ends = [t if tail else t[..., :0, :] for t in self.tail]  # an empty end keeps the shape for no blocks
         keys, values = (torch.cat([p[i] for p in parts] + [ends[i]], dim=-2) for i in (0, 1))
         index = self.index_keys[:, : self.length] if self.index_keys is not None else None
-        info = CompactKV(listed, self.block_size, self.length, fetch=self.fetch, index_keys=index)
+        entries = self.entries.view(self.length) if self.entries is not None else None
+        info = CompactKV(listed, self.block_size, self.length, fetch=self.fetch, index_keys=index, entries=entries)
         return tag(keys, info), values
 
     def _blocks(self, blocks: list[int], *, promote: bool = False) -> list[KV]:
@@ -234,16 +260,47 @@ class TieredLayer(CacheLayerMixin):
             self.index_keys = grown
         self.index_keys[:, used : self.length] = new
 
-    def _gather(self) -> KV:
-        """Full-length K/V: every sealed block (spilled ones read back) and the tail."""
-        parts = self._blocks(list(range(self.sealed)))
+    def _gather(self, first: int = 0) -> KV:
+        """K/V from sealed block `first` on (spilled ones read back) and the tail: full-length by default."""
+        parts = self._blocks(list(range(first, self.sealed)))
         return tuple(torch.cat([p[i] for p in parts] + [self.tail[i]], dim=-2) for i in (0, 1))
 
+    def _pool(self, positions: torch.Tensor, start: int, shift: torch.Tensor) -> None:
+        """Pool the compressed entries this update's tokens complete (`EntryStore.pool`), after checking that
+        the position ids count one per slot from each row's first real token: entries sit on positions."""
+        positions = positions.expand(shift.shape[0], -1)
+        padding = shift if self.entries.shift is None else self.entries.shift  # the first update's
+        expected = torch.arange(start, self.length, device=positions.device) - padding[:, None]
+        wrong = ((expected >= 0) & (positions.long() != expected)).nonzero()
+        ahead = (shift < 0).nonzero()  # positions beyond the slots: tokens before them were never stored
+        if len(ahead):
+            row = int(ahead[0])
+            raise KVCacheError(
+                f"kv: layer {self.layer_idx} is compressed attention, whose cached entries need position ids that "
+                f"count from 0 at each row's first token; row {row} has position {int(positions[row, -1])} at slot "
+                f"{self.length - 1}"
+            )
+        if len(wrong):
+            row, col = wrong[0].tolist()
+            raise KVCacheError(
+                f"kv: layer {self.layer_idx} is compressed attention, whose cached entries need position ids "
+                "counting one per slot from each row's first real token, with the same padding at every step (as "
+                f"generate passes them); row {row} has position {int(positions[row, col])} at slot {start + col} "
+                f"(expected {int(expected[row, col])}): packed rows and custom position ids need the default cache"
+            )
+
+        def raw_from(slot: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+            first = min(slot // self.block_size, self.sealed)
+            return (*self._gather(first), first * self.block_size)
+
+        self.entries.pool(self.length, shift, raw_from)
+
     def _retain(self, next_pos: torch.Tensor, shift: torch.Tensor) -> None:
-        """Drop the hot blocks no query at a position >= `next_pos` can read (pattern layers)."""
+        """Drop the hot blocks no query at a position >= `next_pos` can read (pattern layers; a compressed
+        layer also keeps the raw tokens of its entries not yet complete)."""
         keep = set(
             blocks_needed(
-                self.pattern, next_pos, torch.full_like(next_pos, FUTURE), shift, self.block_size, self.sealed
+                self.retention, next_pos, torch.full_like(next_pos, FUTURE), shift, self.block_size, self.sealed
             )
         )
         for b in [b for b in self.hot if b not in keep]:
@@ -266,6 +323,11 @@ class TieredLayer(CacheLayerMixin):
         layer's index keys. Dropped blocks are gone and stay gone."""
         if not self.is_initialized:
             return {"length": 0}
+        if self.entries is not None:
+            raise KVCacheError(
+                f"kv: layer {self.layer_idx} is compressed attention (ksa, csa, hca); saving its pooled entries is "
+                "not supported yet"
+            )
         spilled = [b for b in range(self.sealed) if b not in self.hot and self._stored(b)]
         blocks = {**self.hot, **(self.store.get_many(spilled, torch.device("cpu")) if spilled else {})}
         index = self.index_keys[:, : self.length] if self.index_keys is not None else None
