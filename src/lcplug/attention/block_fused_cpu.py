@@ -183,6 +183,8 @@ def _attend(q2: torch.Tensor, part: _Part, scaling: float) -> tuple[torch.Tensor
     """Fused forward of one part for token-major queries (nc, P*BQ, U', D): (out like q2, lse (nc, P*BQ, U'))."""
     bias = None if part.bias is None else part.bias.to(q2.dtype)
     o, lse = _FWD(q2.transpose(1, 2), part.k2, part.v2, attn_mask=bias, scale=scaling)
+    if bias is not None:  # the kernel gives lse 0 to a row its mask leaves nothing: it must weigh nothing
+        lse = lse.masked_fill(~torch.isfinite(bias).any(-1), float("-inf"))
     return o.transpose(1, 2), lse.transpose(1, 2).float()
 
 

@@ -123,8 +123,7 @@ def partial_attention(
     with torch.no_grad():
         if block_fused_cpu.available(query, softcap):
             out, lse = block_fused_cpu.partial_forward(s.q, s.k, s.v, layout, s.idx, s.bias, scaling, s.step)
-            seen = s.per_unit_view(layout.mask.any(dim=(3, 5)))[:, :, None]  # (B, U, 1, NQ, BQ)
-            return s.unblock_q(out), s.unblock_q(lse.masked_fill(~seen, float("-inf")))  # the kernel says 0
+            return s.unblock_q(out), s.unblock_q(lse)
         allowed = s.per_unit_view(layout.mask)
         outs = [
             _chunk(s.q[:, :, :, c0:c1], s.k, s.v, s.idx[:, :, c0:c1], allowed[:, :, c0:c1], None, scaling, softcap)

@@ -42,7 +42,7 @@ from .executors import choose
 from .indexer import LightningIndexer, blocks_from_selection, concat_blocks, index_scores, top_k_mask
 from .layer import LayerAttention, dense_allowed
 from .mask import LazyMask
-from .merge import merge_partials
+from .merge import LayoutSets, merged_attention
 from .positions import pattern_positions
 from .reference import masked_softmax, reference_attention
 
@@ -189,23 +189,16 @@ class CompressedAttention(LayerAttention):
         return out
 
     def blocks(self, query, key, value, ck, cv, entries: Entries, call: _Call, index_keys=None) -> torch.Tensor:
-        """The block path: the raw window and the selected entries, each through the block executor, merged."""
-        raw = block_attention(
-            query,
-            key,
-            value,
-            self._raw_layout(call),
-            call.scaling,
-            sink_logit=self.sink_logit,
-            softcap=call.softcap,
-            return_lse=True,
-        )
-        if entries.count == 0:
-            return raw[0]
-        layout = self._entry_layout(query, self._entry_chunks(query, ck, entries, call, index_keys), entries.count)
-        compressed = block_attention(query, ck, cv, layout, call.scaling, softcap=call.softcap, return_lse=True)
-        parts = [(out.transpose(1, 2), lse) for out, lse in (raw, compressed)]
-        return merge_partials(parts, parts[0][0])[0].transpose(1, 2)
+        """The block path: one softmax over the raw window and the selected entries, each set through the
+        block executor's split halves (fused CPU kernels) and merged as one autograd node."""
+        layouts, tensors = [self._raw_layout(call)], (key, value)
+        if entries.count:
+            layouts.append(
+                self._entry_layout(query, self._entry_chunks(query, ck, entries, call, index_keys), entries.count)
+            )
+            tensors += (ck, cv)
+        sets = LayoutSets(layouts, call.scaling, call.softcap)
+        return merged_attention(query, sets, tensors, self.sink_logit).transpose(1, 2)
 
     # ---- pieces shared with the gated variant ------------------------------------------------------------
 
