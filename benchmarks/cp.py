@@ -4,12 +4,13 @@
     python benchmarks/cp.py --seq-len 4096 --worlds 1 2 --strategies ring ulysses
 
 Each measurement is a fresh group of processes (one thread each, gloo on localhost) running one training
-step of a small fp32 Llama (2 layers, hidden 256, 4 heads, 2 KV heads of 64) on one packed row of the same total
-length, sharded over the group. Columns per strategy and group size: the bytes each rank sent through
+step of a small fp32 Llama (2 layers, hidden 512, MLP 1536, 4 heads, 2 KV heads of 64) on one packed row
+of the same total length, sharded over the group. Columns per strategy and group size: the bytes each rank sent through
 `lcplug.cp.comm` (data collectives; the step-flag and loss all-reduces are left out), the planner's
 prediction for the same step (`lcplug.cp.planner`), the step's wall time (slowest rank), and each rank's
-peak memory during the step (RSS high-water mark over the RSS before it: the step's own allocations,
-not the interpreter's), with its ratio to the one-process run next to the ideal 1/P. The processes share
+peak memory during the step (RSS high-water mark, reset after a warm-up step, over the RSS before it: the
+step's own allocations, not the interpreter's, its lazy set-up or the gradient buffers), with its ratio to
+the one-process run next to the ideal 1/P. The processes share
 the machine's cores, so times show overheads, not speed-ups. Results also go to a JSON file and a PNG.
 """
 
@@ -29,8 +30,16 @@ STRATEGIES = {
     "allgather": {"name": "allgather"},
     "hybrid": {"name": "hybrid", "ulysses": 2},
 }
-MODEL = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
-"""Wide enough that a step's activations, which CP divides by P, outweigh fixed per-process buffers."""
+MODEL = {
+    "num_hidden_layers": 2,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+}
+"""Wide enough that a step's activations, which CP divides by P, outweigh the fixed per-step buffers (the
+attention's bounded layout pieces and kernel chunks); attention as a 4-head, 2-KV-head model of dim 64."""
 DATA_KINDS = ("send_recv", "all_to_all", "all_gather", "reduce_scatter")
 
 
@@ -38,7 +47,6 @@ def _rank(rank: int, world: int, port: int, strategy: str, seq_len: int, out: st
     """One rank: one training step on its shard; writes its bytes, seconds and peak memory."""
     import datetime
     import os
-    import resource
     import time
 
     import torch
@@ -68,19 +76,26 @@ def _rank(rank: int, world: int, port: int, strategy: str, seq_len: int, out: st
         "max_seqlen": seq_len,
     }
     part = shard_batch(model, batch)
-    before = _rss_kib()
+
+    def step() -> None:
+        logits = model(input_ids=part["input_ids"], position_ids=part["position_ids"], use_cache=False).logits
+        cp_loss(logits, part["shift_labels"], cp_runtime(model).mesh.cp).backward()
+        model.zero_grad(set_to_none=False)
+
+    step()  # warm-up: lazy imports, kernel and thread-pool set-up, gradient buffers are not the step's own
+    Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark (VmHWM)
+    before = _status_kib("VmRSS")
     comm_stats(model).reset()
     dist.barrier()
     start = time.perf_counter()
-    logits = model(input_ids=part["input_ids"], position_ids=part["position_ids"], use_cache=False).logits
-    cp_loss(logits, part["shift_labels"], cp_runtime(model).mesh.cp).backward()
+    step()
     seconds = time.perf_counter() - start
     stats = comm_stats(model)
     row = {
         "seconds": seconds,
         "sent": sum(stats.sent[k] for k in DATA_KINDS),
         "by_kind": {k: stats.sent[k] for k in DATA_KINDS if stats.sent[k]},
-        "peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+        "peak_mib": (_status_kib("VmHWM") - before) / 1024,
     }
     rows = [None] * world
     dist.all_gather_object(rows, row)
@@ -90,12 +105,12 @@ def _rank(rank: int, world: int, port: int, strategy: str, seq_len: int, out: st
     os._exit(0)  # skip interpreter teardown: nothing left to flush
 
 
-def _rss_kib() -> int:
-    """Resident memory now (KiB), from /proc (the high-water mark alone would include earlier peaks)."""
-    import os
-
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (KiB): VmRSS now, VmHWM its high-water mark."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -107,6 +122,9 @@ def _worker(args: argparse.Namespace) -> dict:
     import torch.multiprocessing as mp
 
     os.environ["OMP_NUM_THREADS"] = "1"
+    # tensors above 64 KiB get their own mappings, returned on free: RSS then follows live memory instead of
+    # what glibc's heap kept from earlier steps (the ranks are spawned, so they read this at start-up)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

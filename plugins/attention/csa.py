@@ -52,7 +52,9 @@ class CSA(CompressedPlugin):
         return {"indexer": indexer, "topk": p.topk, "selection_loss": attention_kl}
 
     def trainable_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        indexer = [p for layer in compressed_layers(model) for p in layer.indexer.parameters()]
+        # only layers that select (a schedule may hand this plugin hca's layers too, which have no indexer)
+        layers = [layer for layer in compressed_layers(model) if layer.indexer is not None]
+        indexer = [p for layer in layers for p in layer.indexer.parameters()]
         return {**super().trainable_groups(model), "indexer": indexer}
 
     def aux_losses(self) -> dict[str, Callable[[nn.Module], torch.Tensor]]:

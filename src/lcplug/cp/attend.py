@@ -21,8 +21,9 @@ from .shard import ShardContext, Span
 
 PIECE_KEYS = 1 << 14
 """Key tokens per piece: a (query span, key span) pair longer than this is computed piece by piece."""
-PIECE_PAIRS = 1 << 24
-"""(query, key) token pairs per piece (a 16 MiB token mask): what one layout holds at any sequence length."""
+PIECE_PAIRS = 1 << 22
+"""(query, key) token pairs per piece (a 4 MiB token mask, about 40 MiB while it is built): what one layout
+holds at any sequence length."""
 ALIGN = 128
 """Query pieces start on multiples of this many tokens (a multiple of every pattern's block size)."""
 

@@ -22,8 +22,8 @@ from ..positions import SHARD_LAYOUTS, ShardLayout, shard_indices
 from .comm import Comm
 from .errors import CPConfigError, CPShapeError
 
-CACHE_PAIRS = 1 << 25
-"""(query, key) pairs whose masks and layouts one forward pass keeps (32 MiB of token masks per pattern)."""
+CACHE_PAIRS = 1 << 24
+"""(query, key) pairs whose masks and layouts one forward pass keeps (16 MiB of token masks per pattern)."""
 
 
 @dataclass(frozen=True)
