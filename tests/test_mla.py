@@ -142,3 +142,14 @@ def test_bad_params_and_models_are_refused_untouched():
     with pytest.raises(UnsupportedModelError, match="runs its own forward"):
         logits(nested, torch.randint(3, 128, (1, 5)))
     assert "lcplug" not in model.config.to_dict() and not hasattr(model.model.layers[0].self_attn, "lcplug_attention")
+
+
+def test_mla_patches_a_shapes_only_model_like_a_real_one():
+    """`lcplug plan` and a run's pre-flight rehearse the patch on the meta device: no SVD, same shapes."""
+    real = lcplug.patch(tiny_model("llama"), attention="mla")
+    with torch.device("meta"):
+        skeleton = tiny_model("llama")
+    lcplug.patch(skeleton, attention="mla")
+    shapes = {n: p.shape for n, p in real.named_parameters()}
+    assert {n: p.shape for n, p in skeleton.named_parameters()} == shapes
+    assert all(p.is_meta for p in skeleton.parameters())

@@ -45,11 +45,14 @@ def select_rope_dims(q_weight: torch.Tensor, k_weight: torch.Tensor, *, head_dim
     """
     kv_heads = k_weight.shape[0] // head_dim
     half = rotary_dim // 2
-    k_pairs = k_weight.float().view(kv_heads, head_dim, -1).pow(2).sum(-1)
-    q_pairs = q_weight.float().view(kv_heads, -1, head_dim, q_weight.shape[-1]).pow(2).sum((1, 3))
-    score = (
-        (k_pairs[:, :half] + k_pairs[:, half:rotary_dim]) * (q_pairs[:, :half] + q_pairs[:, half:rotary_dim])
-    ).sqrt()
+    if k_weight.is_meta:  # a shapes-only rehearsal (lcplug plan, a run's pre-flight): any valid split will do
+        score = torch.zeros(kv_heads, half)
+    else:
+        k_pairs = k_weight.float().view(kv_heads, head_dim, -1).pow(2).sum(-1)
+        q_pairs = q_weight.float().view(kv_heads, -1, head_dim, q_weight.shape[-1]).pow(2).sum((1, 3))
+        score = (
+            (k_pairs[:, :half] + k_pairs[:, half:rotary_dim]) * (q_pairs[:, :half] + q_pairs[:, half:rotary_dim])
+        ).sqrt()
     freqs = score.topk(keep // 2, dim=-1).indices.sort(dim=-1).values
     kept = torch.cat((freqs, freqs + half), dim=-1)
     others = torch.ones(kv_heads, head_dim, dtype=torch.bool, device=kept.device).scatter(1, kept, False)
@@ -59,7 +62,10 @@ def select_rope_dims(q_weight: torch.Tensor, k_weight: torch.Tensor, *, head_dim
 
 def svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Balanced rank-`rank` factors (down (r, in), up (out, r)) of `matrix` (out, in), computed in float64,
-    and the relative Frobenius error of up @ down."""
+    and the relative Frobenius error of up @ down (NaN for a shapes-only meta matrix)."""
+    if matrix.is_meta:
+        out, inp = matrix.shape
+        return matrix.new_empty(rank, inp), matrix.new_empty(out, rank), float("nan")
     u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
     root = s[:rank].sqrt()
     down, up = root[:, None] * vh[:rank], u[:, :rank] * root
