@@ -147,9 +147,8 @@ def test_bad_params_and_models_are_refused_untouched():
 def test_mla_patches_a_shapes_only_model_like_a_real_one():
     """`lcplug plan` and a run's pre-flight rehearse the patch on the meta device: no SVD, same shapes."""
     real = lcplug.patch(tiny_model("llama"), attention="mla")
-    with torch.device("meta"):
-        skeleton = tiny_model("llama")
-    lcplug.patch(skeleton, attention="mla")
+    with torch.device("meta"):  # as the rehearsal does: model and patch under the meta device
+        skeleton = lcplug.patch(tiny_model("llama"), attention="mla")
     shapes = {n: p.shape for n, p in real.named_parameters()}
     assert {n: p.shape for n, p in skeleton.named_parameters()} == shapes
     assert all(p.is_meta for p in skeleton.parameters())

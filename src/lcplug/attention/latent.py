@@ -46,7 +46,7 @@ def select_rope_dims(q_weight: torch.Tensor, k_weight: torch.Tensor, *, head_dim
     kv_heads = k_weight.shape[0] // head_dim
     half = rotary_dim // 2
     if k_weight.is_meta:  # a shapes-only rehearsal (lcplug plan, a run's pre-flight): any valid split will do
-        score = torch.zeros(kv_heads, half)
+        score = torch.zeros(kv_heads, half, device="cpu")  # even under a torch.device('meta') context
     else:
         k_pairs = k_weight.float().view(kv_heads, head_dim, -1).pow(2).sum(-1)
         q_pairs = q_weight.float().view(kv_heads, -1, head_dim, q_weight.shape[-1]).pow(2).sum((1, 3))
@@ -92,7 +92,7 @@ class LatentKV(nn.Module):
         self.head_dim, self.kv_heads, self.rank, self.rope_dims = head_dim, kv_heads, rank, rope_dims
         order = select_rope_dims(q_proj.weight, k_proj.weight, head_dim=head_dim, rotary_dim=rotary_dim, keep=rope_dims)
         self.register_buffer("order", order)  # (Hkv, D), saved with the weights: a reload uses the same split
-        rows = order + head_dim * torch.arange(kv_heads)[:, None]
+        rows = order + head_dim * torch.arange(kv_heads, device=order.device)[:, None]
         rope_rows, nope_rows = rows[:, :rope_dims].flatten(), rows[:, rope_dims:].flatten()
         k_weight, dtype = k_proj.weight.detach(), k_proj.weight.dtype
         down, up, self.init_error = svd_factors(torch.cat((k_weight[nope_rows], v_proj.weight.detach())), rank)
