@@ -166,53 +166,57 @@ def partial_attention_backward(
 def _portable_backward(s: _Setup, go, o, total, scaling: float, softcap: float | None):
     """`partial_attention_backward` in plain torch ops, chunk by chunk (any device, soft-capping)."""
     allowed = s.per_unit_view(s.layout.mask)
-    b, units = s.q.shape[:2]
-    bi = torch.arange(b, device=s.q.device).view(b, 1, 1, 1)
-    ui = torch.arange(units, device=s.q.device).view(1, units, 1, 1)
+    bi, ui = _unit_index(s.q)
     total = total.masked_fill(~torch.isfinite(total), float("inf"))  # rows that see nothing: P = 0
     dq = torch.zeros_like(s.q)
     dk = torch.zeros_like(s.k)
     dv = torch.zeros_like(s.v)
-    nq, bk, d = s.layout.num_q_blocks, s.k.shape[3], s.k.shape[4]
+    nq = s.layout.num_q_blocks
     for c0 in range(0, nq, s.step):
         c1 = min(nq, c0 + s.step)
         q, idx = s.q[:, :, :, c0:c1], s.idx[:, :, c0:c1]
-        nc, kmax, bq = c1 - c0, idx.shape[-1], q.shape[4]
-        kg = s.k[bi, ui, idx].reshape(b, units, 1, nc, kmax * bk, d)
-        vg = s.v[bi, ui, idx].reshape(b, units, 1, nc, kmax * bk, d)
-        scores = torch.matmul(q, kg.transpose(-1, -2)).float() * scaling
-        if softcap is not None:
-            capped = torch.tanh(scores / softcap)
-            scores = capped * softcap
-        keep = allowed[:, :, c0:c1].permute(0, 1, 2, 4, 3, 5).reshape(b, units, 1, nc, bq, kmax * bk)
-        probs = torch.exp(scores - total[:, :, :, c0:c1, :, None]).masked_fill(~keep, 0.0)
+        kg, vg, scores, keep = _gathered(q, s.k, s.v, idx, allowed[:, :, c0:c1], scaling, softcap)
+        probs = torch.exp(scores.float() - total[:, :, :, c0:c1, :, None]).masked_fill(~keep, 0.0)
         g, oc = go[:, :, :, c0:c1].float(), o[:, :, :, c0:c1].float()
         dvg = torch.matmul(probs.transpose(-1, -2), g).sum(2)  # (B, U, nc, K*BK, D)
         delta = (g * oc).sum(-1, keepdim=True)
         ds = probs * (torch.matmul(g, vg.float().transpose(-1, -2)) - delta)
         if softcap is not None:
-            ds = ds * (1 - capped**2)
+            ds = ds * (1 - (scores.float() / softcap) ** 2)  # d(c tanh(x / c)) / dx = 1 - tanh^2
         ds = ds * scaling
         dq[:, :, :, c0:c1] = torch.matmul(ds, kg.float()).to(dq.dtype)
         dkg = torch.matmul(ds.transpose(-1, -2), q.float()).sum(2)
-        dk.index_put_((bi, ui, idx), dkg.view(b, units, nc, kmax, bk, d).to(dk.dtype), accumulate=True)
-        dv.index_put_((bi, ui, idx), dvg.view(b, units, nc, kmax, bk, d).to(dv.dtype), accumulate=True)
+        blocks = (*idx.shape, *s.k.shape[3:])  # (B, U, nc, K, BK, D)
+        dk.index_put_((bi, ui, idx), dkg.view(blocks).to(dk.dtype), accumulate=True)
+        dv.index_put_((bi, ui, idx), dvg.view(blocks).to(dv.dtype), accumulate=True)
     return dq, dk, dv
 
 
 def _chunk(q, k, v, idx, allowed, sink, scaling: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    _, vg, scores, keep = _gathered(q, k, v, idx, allowed, scaling, softcap)
+    probs, lse = masked_softmax_lse(scores.float(), keep, sink)
+    return torch.matmul(probs.to(q.dtype), vg), lse
+
+
+def _gathered(q, k, v, idx, allowed, scaling: float, softcap: float | None):
+    """One chunk of query blocks q (B, U, P, nc, BQ, D) against its kept key blocks `idx` (B, U, nc, K): the
+    gathered keys and values (B, U, 1, nc, K*BK, D), the (soft-capped) scores and the token mask to apply."""
     b, units, _, nc, bq, d = q.shape
     kmax, bk = idx.shape[-1], k.shape[-2]
-    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-    ui = torch.arange(units, device=q.device).view(1, units, 1, 1)
+    bi, ui = _unit_index(q)
     kg = k[bi, ui, idx].reshape(b, units, 1, nc, kmax * bk, d)
     vg = v[bi, ui, idx].reshape(b, units, 1, nc, kmax * bk, d)
     scores = torch.matmul(q, kg.transpose(-1, -2)) * scaling  # (B, U, P, nc, BQ, K*BK)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     keep = allowed.permute(0, 1, 2, 4, 3, 5).reshape(b, units, 1, nc, bq, kmax * bk)
-    probs, lse = masked_softmax_lse(scores.float(), keep, sink)
-    return torch.matmul(probs.to(q.dtype), vg), lse
+    return kg, vg, scores, keep
+
+
+def _unit_index(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and unit indices (B, 1, 1, 1), (1, U, 1, 1) that gather per-unit blocks with an index (B, U, ...)."""
+    b, units = q.shape[:2]
+    return torch.arange(b, device=q.device).view(b, 1, 1, 1), torch.arange(units, device=q.device).view(1, units, 1, 1)
 
 
 def _per_unit(x: torch.Tensor, unit_group: torch.Tensor, units: int) -> torch.Tensor:
