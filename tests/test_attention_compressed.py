@@ -21,7 +21,7 @@ from lcplug.attention.compress import (
     find_entries,
 )
 from lcplug.attention.compressed import CompressedAttention, compressed_layers, distill_loss
-from lcplug.testing import decode_prefill_gap, logits, padded_batch, tiny_model
+from lcplug.testing import decode_prefill_gap, descend, logits, padded_batch, tiny_model
 from lcplug.testing.conformance import check_pattern_coverage, check_plugin
 
 TOL = 1e-5
@@ -176,16 +176,13 @@ def test_distillation_stage_lowers_its_loss(variant):
     plan = configure(Trainee(model), stage, "stages[0]")
     assert set(plan.aux) == {"distill"} and plan.params
     assert all(".lcplug_attention." in name for name in plan.params)
-    opt = torch.optim.Adam(plan.params.values(), lr=0.05)
     ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(8):
+
+    def distill():
         model(ids)
-        loss = distill_loss(model)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return distill_loss(model)
+
+    losses = descend(distill, plan.params.values(), steps=8, lr=0.05)
     assert losses[-1] < 0.97 * losses[0]  # random tiny models attend near-uniformly: mean pooling starts close
 
 
@@ -197,16 +194,13 @@ def test_csa_indexer_warmup_stage():
     model = lcplug.patch(tiny_model("llama"), attention=SPECS["csa"])
     stage = StageConfig(name="warmup", train="indexer", losses={"indexer_kl": 1.0})
     plan = configure(Trainee(model), stage, "stages[0]")
-    opt = torch.optim.Adam(plan.params.values(), lr=1e-2)
     ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(6):
+
+    def indexer_kl():
         model(ids)
-        loss = plan.aux["indexer_kl"](model)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return plan.aux["indexer_kl"](model)
+
+    losses = descend(indexer_kl, plan.params.values(), steps=6, lr=1e-2)
     assert losses[-1] < losses[0]
 
 

@@ -22,7 +22,7 @@ from lcplug.plugins.attention.dsa import (
     indexer_parameters,
     set_stage,
 )
-from lcplug.testing import decode_prefill_gap, logits, padded_batch, tiny_model
+from lcplug.testing import decode_prefill_gap, descend, logits, padded_batch, tiny_model
 
 TOL = 1e-5
 SMALL = {"topk": 8, "block_size": 4, "heads": 2, "dim": 8}
@@ -182,15 +182,12 @@ def test_indexer_loss_decreases(stage, rows):
     model = tiny_model("llama")
     lcplug.patch(model, attention=dsa(stage=stage))
     enable_indexer_loss(model)
-    opt = torch.optim.Adam(indexer_parameters(model), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
+
+    def kl():
         model(ids, attention_mask=mask)
-        loss = indexer_loss(model)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        return indexer_loss(model)
+
+    losses = descend(kl, indexer_parameters(model), steps=8, lr=1e-2)
     assert all(math.isfinite(v) and v >= 0 for v in losses)
     assert losses[-1] < 0.8 * losses[0], losses
 

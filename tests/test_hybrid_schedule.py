@@ -18,7 +18,7 @@ from lcplug.attention import NativeAttention, PatternAttention
 from lcplug.attention.compressed import CompressedAttention, distill_loss
 from lcplug.plugins.attention.hybrid import DEEPSEEK_V4_FLASH
 from lcplug.spec import PatchSpec
-from lcplug.testing import decode_prefill_gap, logits, padded_batch, tiny_model
+from lcplug.testing import decode_prefill_gap, descend, logits, padded_batch, tiny_model
 from lcplug.train.plan import plan
 from lcplug.train.recipe import Recipe, StageConfig
 from lcplug.train.stages import configure, enter, finalize
@@ -186,16 +186,13 @@ def test_groups_join_across_variants_and_distillation_lowers_its_loss():
     plan = configure(Trainee(m), StageConfig(name="distill", train="compress", losses={"distill": 1.0}), "stages[0]")
     trained_layers = {int(name.split(".layers.")[1].split(".")[0]) for name in plan.params}
     assert trained_layers == set(RANGES["csa"] + RANGES["hca"]) and all("compressor" in n for n in plan.params)
-    opt = torch.optim.Adam(plan.params.values(), lr=0.05)
     ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(8):
+
+    def distill():
         m(ids)
-        loss = plan.aux["distill"](m)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return plan.aux["distill"](m)
+
+    losses = descend(distill, plan.params.values(), steps=8, lr=0.05)
     assert plan.aux["distill"] is distill_loss
     assert losses[-1] < 0.97 * losses[0]  # random tiny models attend near-uniformly: mean pooling starts close
 

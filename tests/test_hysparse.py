@@ -17,7 +17,7 @@ from lcplug.attention.indexer import select_blocks
 from lcplug.errors import ConflictError, ParamError, UnsupportedModelError
 from lcplug.patching import patch_state
 from lcplug.plugins.attention.hysparse import kv_bytes_per_token, reader_modules
-from lcplug.testing import check_plugin, decode_prefill_gap, logits, padded_batch, tiny_model
+from lcplug.testing import check_plugin, decode_prefill_gap, descend, logits, padded_batch, tiny_model
 from lcplug.train.recipe import Recipe
 from lcplug.train.trainables import plugin_groups
 
@@ -144,15 +144,8 @@ def test_gate_stages_lower_the_loss(group, rows):
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=0.05)
     labels = ids.masked_fill(mask == 0, -100)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = descend(lambda: model(ids, attention_mask=mask, labels=labels).loss, params, steps=8, lr=0.05)
     assert losses[-1] < losses[0]
     assert any(float(layer.gate.detach().abs().max()) > 0 for layer in reader_modules(model).values())  # gates left 0
 

@@ -23,7 +23,7 @@ from .conformance import (
     dense_reference_logits,
     sample_batch,
 )
-from .models import FAMILIES, decode_prefill_gap, logits, padded_batch, tiny_config, tiny_model
+from .models import FAMILIES, decode_prefill_gap, descend, logits, padded_batch, tiny_config, tiny_model
 
 __all__ = [
     "CHECKS",
@@ -41,6 +41,7 @@ __all__ = [
     "check_round_trip",
     "decode_prefill_gap",
     "dense_reference_logits",
+    "descend",
     "logits",
     "padded_batch",
     "sample_batch",

@@ -7,6 +7,7 @@ forward pass takes milliseconds.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -120,3 +121,21 @@ def decode_prefill_gap(
         prefill = logits(model, gen.sequences, full_mask, **kwargs)
     steps = torch.stack(gen.logits, dim=1)
     return float((steps - prefill[:, ids.shape[1] - 1 : -1]).abs().max())
+
+
+def descend(
+    loss_of: Callable[[], torch.Tensor], params: Iterable[torch.nn.Parameter], steps: int, lr: float
+) -> list[float]:
+    """`steps` Adam steps on `loss_of()` (which runs the forward and returns the loss); the losses seen.
+
+    What a plugin's training test needs to show its parameters and losses are wired: the loss goes down.
+    """
+    opt = torch.optim.Adam(list(params), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
