@@ -30,7 +30,7 @@ DEEPSEEK_V4_FLASH: dict[str, Any] = {
 layer by layer (each with its own 128-token window and sink; CSA: m = 4, top-512; HCA: m' = 128), no full layer."""
 
 
-def _is_spec_list(value: Any) -> bool:
+def _nonempty_if_list(value: Any) -> bool:
     return not isinstance(value, list) or len(value) > 0
 
 
@@ -40,7 +40,7 @@ class HybridParams(Params):
         "sliding-window",
         "the sparse variant, as a spec (a name, 'name:k=v' or {'name': ..., <params>}), or a list of specs the "
         "sparse layers take in turn (['csa', 'hca']: CSA, HCA, CSA, ...)",
-        check=_is_spec_list,
+        check=_nonempty_if_list,
         valid="a spec or a non-empty list of specs",
     )
     ratio: str = param(
