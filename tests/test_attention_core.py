@@ -148,6 +148,28 @@ def test_band_is_found_for_long_windows_and_covers_most_blocks():
     assert banded / int((layout.kv_blocks >= 0).sum()) > 0.6
 
 
+@pytest.mark.parametrize("length", [1000, 1023, 1025])
+def test_band_survives_a_partial_last_query_block(length):
+    """A length that is not a multiple of the block leaves the last query block with padding rows; they must not
+    hide the band (which would send every block down the masked gather path), and the fused executor on that
+    band must stay exact."""
+    torch.manual_seed(0)
+    pattern = SlidingWindowPattern(256, 4, 32)
+    mask = make_mask(1, length, length)
+    layout = static_layout(pattern, mask, None, block_q=32, block_k=32)
+    band = layout.band()
+    assert band is not None and band.width == 7 and band.first == 7
+    q, k, v = (torch.randn(1, 2, length, 16, requires_grad=True) for _ in range(3))
+    out = block_attention(q, k, v, layout, 0.3)
+    ref, _ = reference_attention(q, k, v, reference_mask(mask, pattern, None, 2), 0.3)
+    assert (out - ref).abs().max() < TOL
+    grad = torch.randn_like(ref)
+    for a, b in zip(
+        torch.autograd.grad((out * grad).sum(), (q, k, v)), torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    ):
+        assert (a - b).abs().max() < TOL
+
+
 def test_no_nxn_tensor_in_layout():
     """A 64K layout for a 1024 window holds O(N * window) entries, not O(N^2)."""
     n = 65536

@@ -63,10 +63,10 @@ class _Part:
     chunk's query blocks as its batch and units (U' = B*U) as its heads, plus where their gradients go back:
     `band_start` (the first key block of the chunk's band; query block c0 + i reads blocks
     band_start + i * band_stride + w) or the `blocks` (B, U, nc, K) of a gather. `bias` None means
-    mask-free."""
+    mask-free; `empty` (like the kernel's log-sum-exp, (nc, U', rows)) marks rows the bias leaves no key."""
 
-    def __init__(self, k2, v2, bias, width, *, blocks=None, shared=False, band_start=None, band_stride=1):
-        self.k2, self.v2, self.bias, self.width = k2, v2, bias, width
+    def __init__(self, k2, v2, bias, width, *, blocks=None, shared=False, band_start=None, band_stride=1, empty=None):
+        self.k2, self.v2, self.bias, self.width, self.empty = k2, v2, bias, width, empty
         self.blocks, self.shared, self.band_start, self.band_stride = blocks, shared, band_start, band_stride
 
     def add_grad(self, grad: torch.Tensor, into: torch.Tensor) -> None:
@@ -81,11 +81,8 @@ class _Part:
             for w in range(self.width):
                 start = self.band_start + w
                 target[start : start + (nc - 1) * step + 1 : step] += g[:, w]
-        elif self.shared:  # every unit reads the same blocks: one contiguous row add per (query block, slot)
-            target = into.view(into.shape[0], -1)
-            for i, row in enumerate(self.blocks[0, 0].tolist()):
-                for slot, block in enumerate(row):
-                    target[block] += g[i, slot]
+        elif self.shared:  # every unit reads the same blocks: each (query block, slot) adds one contiguous row
+            into.view(into.shape[0], -1).index_add_(0, self.blocks[0, 0].reshape(-1), g.reshape(nc * self.width, -1))
         else:
             blocks = self.blocks.flatten(0, 1).permute(1, 2, 0)  # (nc, K, U')
             g = g.view(nc, self.width, *into.shape[1:]).transpose(2, 3)  # (nc, K, U', BK, D)
@@ -102,8 +99,9 @@ def _band_part(k, v, band: Band, c0: int, c1: int) -> _Part:
     return _Part(k2, v2, None, band.width, band_start=start, band_stride=band.stride)
 
 
-def _gather_part(k, v, blocks: torch.Tensor, bias: torch.Tensor, per_unit: int, shared: bool) -> _Part:
-    """Row copies of the kept blocks `blocks` (B, U, nc, K) with their bias (B, U, nc, BQ, K*BK)."""
+def _gather_part(k, v, blocks: torch.Tensor, bias: torch.Tensor, empty, per_unit: int, shared: bool) -> _Part:
+    """Row copies of the kept blocks `blocks` (B, U, nc, K) with their bias (B, U, nc, BQ, K*BK) and the rows it
+    leaves without a key (B, U, nc, BQ), or None."""
     b, u, nkb, bk, d = k.shape
     _, _, nc, kk = blocks.shape
     rows = _rows(blocks, nkb)
@@ -111,7 +109,9 @@ def _gather_part(k, v, blocks: torch.Tensor, bias: torch.Tensor, per_unit: int, 
     v2 = torch.index_select(v.reshape(-1, bk * d), 0, rows).view(b * u, nc, kk * bk, d).transpose(0, 1)
     bq = bias.shape[-2]
     bias = bias[:, :, :, None].expand(-1, -1, -1, per_unit, -1, -1).reshape(b * u, nc, per_unit * bq, kk * bk)
-    return _Part(k2, v2, bias.transpose(0, 1), kk, blocks=blocks, shared=shared)
+    if empty is not None:
+        empty = empty[:, :, :, None].expand(-1, -1, -1, per_unit, -1).reshape(b * u, nc, per_unit * bq).transpose(0, 1)
+    return _Part(k2, v2, bias.transpose(0, 1), kk, blocks=blocks, shared=shared, empty=empty)
 
 
 def _rows(blocks: torch.Tensor, nkb: int) -> torch.Tensor:
@@ -122,11 +122,13 @@ def _rows(blocks: torch.Tensor, nkb: int) -> torch.Tensor:
 
 
 class _Plan(NamedTuple):
-    """What `_parts` cuts each chunk with: the gathered blocks (B, U, NQ, K) (clamped to >= 0) and their
-    bias, the used slots per query block, the band, and whether every unit gathers the same blocks."""
+    """What `_parts` cuts each chunk with: the gathered blocks (B, U, NQ, K) (clamped to >= 0), their bias and
+    the rows they leave without a key (B, U, NQ, BQ) or None, the used slots per query block, the band, and
+    whether every unit gathers the same blocks."""
 
     blocks: torch.Tensor
     bias: torch.Tensor
+    empty: torch.Tensor | None
     used: list[int]
     band: Band | None
     shared: bool
@@ -144,7 +146,8 @@ def _parts(k, v, plan: _Plan, c0: int, c1: int, per_unit: int) -> list[_Part]:
         bk = k.shape[3]
         chunk_bias = plan.bias[:, :, c0:c1, :, : n_used * bk]
         blocks = plan.blocks[:, :, c0:c1, :n_used]
-        parts.append(_gather_part(k, v, blocks, chunk_bias, per_unit, plan.shared))
+        empty = None if plan.empty is None else plan.empty[:, :, c0:c1]
+        parts.append(_gather_part(k, v, blocks, chunk_bias, empty, per_unit, plan.shared))
     return parts
 
 
@@ -183,34 +186,33 @@ def _attend(q2: torch.Tensor, part: _Part, scaling: float) -> tuple[torch.Tensor
     """Fused forward of one part for token-major queries (nc, P*BQ, U', D): (out like q2, lse (nc, P*BQ, U'))."""
     bias = None if part.bias is None else part.bias.to(q2.dtype)
     o, lse = _FWD(q2.transpose(1, 2), part.k2, part.v2, attn_mask=bias, scale=scaling)
-    if bias is not None:  # the kernel gives lse 0 to a row its mask leaves nothing: it must weigh nothing
-        lse = lse.masked_fill(~torch.isfinite(bias).any(-1), float("-inf"))
+    if part.empty is not None:  # the kernel gives lse 0 to a row its mask leaves nothing: it must weigh nothing
+        lse = lse.masked_fill(part.empty, float("-inf"))
     return o.transpose(1, 2), lse.transpose(1, 2).float()
 
 
-def block_attention(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, step: int, sink=None):
-    """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); blocks (B, U, NQ, K) from the layout and `bias(dtype)`
-    its additive mask (B, U, NQ, BQ, K*BK), built only if no band takes over (it is O(kept pairs));
-    sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
+def block_attention(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int, sink=None):
+    """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); `per_unit` maps a layout tensor (B, G, ...) to its units
+    (B, U, ...); sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
     q, k, v = _inputs(q, k, v)
-    return _Fused.apply(q, k, v, sink, _plan(q, layout, blocks, bias), scaling, step)
+    return _Fused.apply(q, k, v, sink, _plan(q, layout, per_unit), scaling, step)
 
 
-def partial_forward(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, step: int):
+def partial_forward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int):
     """`block_attention` without autograd and without sinks: (out, lse (B, U, P, NQ, BQ), -inf where no key).
 
     For callers that merge results over several key sets themselves (ring attention) and hand the merged
     output and log-sum-exp to `partial_backward`.
     """
     q, k, v = _inputs(q, k, v)
-    return forward(q, k, v, _plan(q, layout, blocks, bias), scaling, step)
+    return forward(q, k, v, _plan(q, layout, per_unit), scaling, step)
 
 
-def partial_backward(q, k, v, layout: BlockLayout, blocks, bias, scaling: float, step: int, grad_out, out, total):
+def partial_backward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int, grad_out, out, total):
     """Gradients (dq, dk, dv) of these keys' share of an attention whose *final* output is `out` and whose
     final log-sum-exp (over every key set, sinks included) is `total`: exact, as in one fused pass."""
     q, k, v = _inputs(q, k, v)
-    dq, dk, dv = backward(q, k, v, _plan(q, layout, blocks, bias), scaling, step, grad_out, out.to(q.dtype), total)
+    dq, dk, dv = backward(q, k, v, _plan(q, layout, per_unit), scaling, step, grad_out, out.to(q.dtype), total)
     return dq, dk, dv
 
 
@@ -221,12 +223,12 @@ def _inputs(q, k, v):
     return q, k.contiguous(), v.contiguous()
 
 
-def _plan(q: torch.Tensor, layout: BlockLayout, blocks, bias) -> _Plan:
-    """The plan for query q (B, U, P, NQ, BQ, D) on this layout; `bias(dtype)` gives the layout's whole bias,
-    needed only without a band (the band has its own, smaller one). A banded layout runs on kernel tiles of
-    about `TILE_ROWS` query rows (a unit's P query heads times merged query blocks) when the merged layout
-    still has a band."""
-    units, dtype = blocks.shape[1], q.dtype
+def _plan(q: torch.Tensor, layout: BlockLayout, per_unit) -> _Plan:
+    """The plan for query q (B, U, P, NQ, BQ, D) on this layout; `per_unit` maps the layout's group tensors to
+    units. The layout's whole bias is built only without a band (the band has its own, smaller one). A
+    banded layout runs on kernel tiles of about `TILE_ROWS` query rows (a unit's P query heads times merged
+    query blocks) when the merged layout still has a band."""
+    units, dtype = q.shape[1], q.dtype
     band = layout.band() if layout.groups == 1 else None
     merge = max(1, TILE_ROWS // (q.shape[2] * layout.block_q))
     merged = None
@@ -239,11 +241,16 @@ def _plan(q: torch.Tensor, layout: BlockLayout, blocks, bias) -> _Plan:
     if band is not None:
         blocks = _expand_units(band.rest_blocks.clamp(min=0), units)
         bias = _expand_units(band.rest_bias(dtype), units)
+        empty = band.rest_empty()
+        empty = None if empty is None else _expand_units(empty, units)
         used = band.rest_used()
     else:
-        bias = bias(dtype)
+        blocks = per_unit(layout.kv_blocks).clamp(min=0)
+        bias = per_unit(layout.bias(dtype))
+        empty = layout.empty_rows()
+        empty = None if empty is None else per_unit(empty)
         used = (layout.kv_blocks >= 0).sum(-1).amax(dim=(0, 1)).tolist()
-    return _Plan(blocks, bias, used, band, bool((blocks == blocks[:1, :1]).all()), merge)
+    return _Plan(blocks, bias, empty, used, band, bool((blocks == blocks[:1, :1]).all()), merge)
 
 
 def _tile_blocks(band: Band) -> int:

@@ -51,10 +51,6 @@ class _Setup:
     def per_unit_view(self, x: torch.Tensor) -> torch.Tensor:
         return _per_unit(x, self.unit_group, self.units)
 
-    def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """The layout's additive mask per unit (B, U, NQ, BQ, K*BK)."""
-        return self.per_unit_view(self.layout.bias(dtype))
-
     def unblock_q(self, x: torch.Tensor) -> torch.Tensor:
         """(B, U, P, NQ, BQ, ...) -> (B, H, Lq, ...)."""
         b, h, lq, _ = self.shape
@@ -92,7 +88,7 @@ def block_attention(
     s = _Setup(query, key, value, layout)
     if block_fused_cpu.available(query, softcap) and not return_lse:
         sink = None if sink_logit is None else sink_logit.view(1, s.units, s.per_unit, 1, 1)
-        out = block_fused_cpu.block_attention(s.q, s.k, s.v, layout, s.idx, s.bias, scaling, s.step, sink)
+        out = block_fused_cpu.block_attention(s.q, s.k, s.v, layout, s.per_unit_view, scaling, s.step, sink)
         return s.unblock_q(out).transpose(1, 2).contiguous()
     allowed = s.per_unit_view(layout.mask)  # (B, U, NQ, K, BQ, BK)
     sink = None if sink_logit is None else sink_logit.float().view(1, s.units, s.per_unit, 1, 1, 1)
@@ -122,7 +118,7 @@ def partial_attention(
     s = _Setup(query, key, value, layout)
     with torch.no_grad():
         if block_fused_cpu.available(query, softcap):
-            out, lse = block_fused_cpu.partial_forward(s.q, s.k, s.v, layout, s.idx, s.bias, scaling, s.step)
+            out, lse = block_fused_cpu.partial_forward(s.q, s.k, s.v, layout, s.per_unit_view, scaling, s.step)
             return s.unblock_q(out), s.unblock_q(lse)
         allowed = s.per_unit_view(layout.mask)
         outs = [
@@ -156,7 +152,7 @@ def partial_attention_backward(
     with torch.no_grad():
         if block_fused_cpu.available(query, softcap):
             dq, dk, dv = block_fused_cpu.partial_backward(
-                s.q, s.k, s.v, layout, s.idx, s.bias, scaling, s.step, go, o, total
+                s.q, s.k, s.v, layout, s.per_unit_view, scaling, s.step, go, o, total
             )
         else:
             dq, dk, dv = _portable_backward(s, go, o, total, scaling, softcap)

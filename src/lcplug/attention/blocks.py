@@ -42,6 +42,12 @@ class BlockLayout:
             self._memo["band"] = find_band(self)
         return self._memo["band"]
 
+    def empty_rows(self) -> torch.Tensor | None:
+        """(B, G, NQ, BQ) True for query rows that keep no key at all; None when every row keeps one (cached)."""
+        if "empty" not in self._memo:
+            self._memo["empty"] = _empty_rows(self.mask)
+        return self._memo["empty"]
+
     def merged(self, factor: int) -> BlockLayout:
         """The same pairs with `factor` consecutive query blocks merged into one (cached).
 
@@ -108,11 +114,23 @@ class Band:
             self._memo["used"] = (self.rest_blocks >= 0).sum(-1).amax(dim=(0, 1)).tolist()
         return self._memo["used"]
 
+    def rest_empty(self) -> torch.Tensor | None:
+        """(B, G, NQ, BQ) True for rows that keep no rest key (their whole window is band); None if there are none."""
+        if "empty" not in self._memo:
+            self._memo["empty"] = _empty_rows(self.rest_mask)
+        return self._memo["empty"]
+
     def rest_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive (B, G, NQ, BQ, Kr*BK) bias of the rest blocks, built once per dtype."""
         if dtype not in self._memo:
             self._memo[dtype] = _additive(self.rest_mask, dtype)
         return self._memo[dtype]
+
+
+def _empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, G, NQ, K, BQ, BK) -> (B, G, NQ, BQ) rows with no kept pair, or None when there are none."""
+    empty = ~mask.any(-1).any(3)
+    return empty if bool(empty.any()) else None
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -130,7 +148,8 @@ def find_band(layout: BlockLayout) -> Band | None:
     stride = layout.block_q // layout.block_k
     device = kv.device
     nkb = (layout.kv_len + layout.block_k - 1) // layout.block_k
-    kept_full = (kv >= 0) & mask.all(dim=-1).all(dim=-1)
+    padding = torch.arange(nq * layout.block_q, device=device).view(nq, 1, layout.block_q, 1) >= layout.q_len
+    kept_full = (kv >= 0) & (mask | padding).all(dim=-1).all(dim=-1)  # padding query rows keep what the band keeps
     table = torch.zeros(b, g, nq, nkb + 1, dtype=torch.bool, device=device)
     table.scatter_(-1, torch.where(kv >= 0, kv, nkb), kept_full)
     table = table[..., :nkb]
@@ -141,7 +160,7 @@ def find_band(layout: BlockLayout) -> Band | None:
     below = last[..., None] - (stride - 1) - steps  # blocks under the block's diagonal stretch, nearest first
     run = (table.gather(-1, below.clamp(min=0)) & (below >= 0)).int().cumprod(-1).sum(-1)  # (B, G, NQ)
     run = torch.where(last == qi * stride + offset, run, torch.zeros_like(run)).amin(dim=(0, 1))  # (NQ,)
-    width = int(run.max())
+    width = int(run[max(1, layout.q_len // layout.block_q) - 1])  # the last block without padding rows sets it
     if width < 2:
         return None
     ok = (run >= width).flip(0).int().cumprod(0).flip(0).bool()  # True from `first` to the end
