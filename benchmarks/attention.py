@@ -179,11 +179,9 @@ def _worker(args: argparse.Namespace) -> dict:
     if layout is not None or args.executor == "flex-native" or args.pattern in LAYERS:
         run()  # warm-up: compilation (flex) and the layout's derived tensors (biases, BlockMask), which a model
         # builds once per forward pass and shares across its layers
-    seconds = float("inf")
-    for _ in range(args.repeats):  # the fastest call: the least disturbed by whatever else shares the cores
-        start = time.perf_counter()
-        run()
-        seconds = min(seconds, time.perf_counter() - start)
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kv_elements = MLA_RANK + HEADS * MLA_ROPE if mla is not None else 2 * HEADS * DIM
     if args.pattern == "hysparse":
@@ -256,7 +254,7 @@ def _compressed_pairs(layer, n: int) -> int:
 
 def measure(length: int, pattern: str, executor: str, mode: str, opts: argparse.Namespace) -> dict | None:
     args = ["--length", str(length), "--pattern", pattern, "--executor", executor, "--mode", mode]
-    return run_worker(__file__, [*args, "--threads", str(opts.threads), "--repeats", str(opts.repeats)], opts.timeout)
+    return run_worker(__file__, [*args, "--threads", str(opts.threads)], opts.timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executors", nargs="+", default=list(EXECUTORS), choices=EXECUTORS)
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls per row after a warm-up; fastest counts")
+    parser.add_argument("--rounds", type=int, default=1, help="times each row is measured, interleaved")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per measurement")
     parser.add_argument("--out", default="benchmarks/results/attention")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -289,28 +287,45 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for n in args.lengths:
         for mode in modes:
-            dense = measure(n, "dense", "sdpa", mode, args)
-            _print_row(rows, n, mode, "dense causal", "sdpa", dense, dense)
-            for pattern in args.patterns:
-                for executor in args.executors:
-                    if executor == "reference" and n > REFERENCE_MAX:
-                        continue
-                    if executor in ("flex", "flex-native") and mode == "fwd+bwd":
-                        continue  # FlexAttention has no backward on the CPU
-                    if executor == "flex-native" and pattern not in NATIVE_FLEX:
-                        continue
-                    if pattern in LAYERS and executor not in ("torch", "reference"):
-                        continue
-                    if pattern == "mla" and executor != "torch":
-                        continue  # one row: the up-projection and SDPA do not depend on the executor
-                    res = measure(n, pattern, executor, mode, args)
-                    _print_row(rows, n, mode, pattern, executor, res, dense)
+            group = [("dense causal", "sdpa")] + [
+                (pattern, executor)
+                for pattern in args.patterns
+                for executor in args.executors
+                if _runs(n, mode, pattern, executor)
+            ]
+            results = _fastest_of_rounds(n, mode, group, args)
+            for (pattern, executor), res in zip(group, results):
+                _print_row(rows, n, mode, pattern, executor, res, results[0])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     _plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
+
+
+def _runs(n: int, mode: str, pattern: str, executor: str) -> bool:
+    """Whether this (pattern, executor) row exists at this length and mode."""
+    if executor == "reference" and n > REFERENCE_MAX:
+        return False
+    if executor in ("flex", "flex-native") and mode == "fwd+bwd":
+        return False  # FlexAttention has no backward on the CPU
+    if executor == "flex-native" and pattern not in NATIVE_FLEX:
+        return False
+    if pattern in LAYERS and executor not in ("torch", "reference"):
+        return False
+    return pattern != "mla" or executor == "torch"  # mla: one row, the up-projection and SDPA only
+
+
+def _fastest_of_rounds(n: int, mode: str, group: list[tuple[str, str]], args) -> list[dict | None]:
+    """Each row of one length and mode measured `args.rounds` times, the rounds interleaved (dense, then every
+    executor, then again), so that load which comes and goes on a shared machine hits numerator and
+    denominator alike; each row keeps its fastest round."""
+    rounds = [
+        [measure(n, "dense" if executor == "sdpa" else pattern, executor, mode, args) for pattern, executor in group]
+        for _ in range(max(1, args.rounds))
+    ]
+    return [min(row, key=lambda res: res.get("seconds", float("inf"))) for row in zip(*rounds)]
 
 
 def _print_row(rows, n, mode, pattern, executor, res, dense) -> None:
