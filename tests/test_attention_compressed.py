@@ -21,7 +21,7 @@ from lcplug.attention.compress import (
     find_entries,
 )
 from lcplug.attention.compressed import CompressedAttention, compressed_layers, distill_loss
-from lcplug.testing import decode_prefill_gap, descend, logits, padded_batch, tiny_model
+from lcplug.testing import decode_prefill_gap, descend, logits, padded_batch, perturb_added, tiny_model
 from lcplug.testing.conformance import check_pattern_coverage, check_plugin
 
 TOL = 1e-5
@@ -39,16 +39,6 @@ def rows():
     return padded_batch(40, seed=3)
 
 
-def perturbed(model):
-    """Move every added parameter off its neutral start, so parity covers learned pooling, sinks and gates."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lcplug_attention." in name and "indexer" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("variant", list(SPECS))
 def test_block_executor_equals_reference(variant, family, rows):
@@ -56,7 +46,7 @@ def test_block_executor_equals_reference(variant, family, rows):
     real = mask.bool()
     results = {}
     for executor in ("torch", "reference"):
-        model = perturbed(lcplug.patch(tiny_model(family), attention={**SPECS[variant], "executor": executor}))
+        model = perturb_added(lcplug.patch(tiny_model(family), attention={**SPECS[variant], "executor": executor}), 0.3)
         model.train()  # tiny models have no dropout; train mode exercises the training path
         out = model(ids, attention_mask=mask).logits
         params = [p for n, p in model.named_parameters() if ".lcplug_attention." in n or n.endswith("q_proj.weight")]
@@ -77,7 +67,7 @@ def test_block_executor_equals_reference(variant, family, rows):
 @pytest.mark.parametrize("variant", list(SPECS))
 def test_decode_equals_prefill(variant, family, rows):
     ids, mask = rows
-    model = perturbed(lcplug.patch(tiny_model(family), attention=SPECS[variant]))
+    model = perturb_added(lcplug.patch(tiny_model(family), attention=SPECS[variant]), 0.3)
     # pooling scores and the indexer read post-RoPE states: prefill with the positions generate uses
     assert decode_prefill_gap(model, ids, mask, 6, generate_positions=True) < 2e-5
 

@@ -18,7 +18,7 @@ from lcplug.attention import NativeAttention, PatternAttention
 from lcplug.attention.compressed import CompressedAttention, distill_loss
 from lcplug.plugins.attention.hybrid import DEEPSEEK_V4_FLASH
 from lcplug.spec import PatchSpec
-from lcplug.testing import decode_prefill_gap, descend, logits, padded_batch, tiny_model
+from lcplug.testing import decode_prefill_gap, descend, logits, padded_batch, perturb_added, tiny_model
 from lcplug.train.plan import plan
 from lcplug.train.recipe import Recipe, StageConfig
 from lcplug.train.stages import configure, enter, finalize
@@ -47,16 +47,6 @@ def model(spec=SCHEDULE, **kinds):
 
 def layer_modules(m):
     return lcplug.patch_state(m).adapter.attention_modules(m)
-
-
-def perturbed(m):
-    """Move every added parameter (pooling, sinks) off its neutral start; indexers keep their random init."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if ".lcplug_attention." in name and "indexer" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return m
 
 
 def per_range_reference(executor: str):
@@ -116,7 +106,7 @@ def test_the_recipe_patches_the_deepseek_v4_flash_schedule_and_plans(monkeypatch
 def test_equals_single_variants_per_layer_range_on_the_reference_executor(rows):
     ids, mask = rows
     real = mask.bool()
-    hybrid = perturbed(model())
+    hybrid = perturb_added(model(), 0.3)
     hybrid.train()  # tiny models have no dropout; train mode exercises the training path
     ref = per_range_reference("reference")
     ref.load_state_dict(hybrid.state_dict())
@@ -144,10 +134,10 @@ def test_equals_single_variants_per_layer_range_on_the_reference_executor(rows):
 def test_decode_equals_prefill_and_the_device_kv_tier_equals_the_default_cache(rows):
     ids, mask = rows
     # pooling scores and the indexer read post-RoPE states: prefill with the positions generate uses
-    assert decode_prefill_gap(perturbed(model()), ids, mask, 6, generate_positions=True) < 2e-5
+    assert decode_prefill_gap(perturb_added(model(), 0.3), ids, mask, 6, generate_positions=True) < 2e-5
     outs = []
     for kinds in ({}, {"kv": "device"}):
-        m = perturbed(model(**kinds))
+        m = perturb_added(model(**kinds), 0.3)
         with torch.no_grad():
             outs.append(
                 m.generate(
@@ -165,7 +155,7 @@ def test_decode_equals_prefill_and_the_device_kv_tier_equals_the_default_cache(r
 
 def test_save_reload_round_trip(tmp_path, rows):
     ids, mask = rows
-    m = perturbed(model())
+    m = perturb_added(model(), 0.3)
     lcplug.save_pretrained(m, tmp_path)
     reloaded = lcplug.from_pretrained(tmp_path).eval()
     assert lcplug.manifest_of(reloaded)["state"] == lcplug.manifest_of(m)["state"]
@@ -200,7 +190,7 @@ def test_groups_join_across_variants_and_distillation_lowers_its_loss():
 def test_restage_keeps_trained_weights_while_each_layer_keeps_its_variant():
     dsa = "dsa:topk=8,block_size=4,heads=2,dim=8,stage=warmup"
     m = model({"name": "hybrid", "pinned": {"0-1": SWA}, "sparse": [dsa, HCA], "ratio": "1:0"})
-    perturbed(m)
+    perturb_added(m, 0.3)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if ".indexer." in name:

@@ -18,7 +18,7 @@ import lcplug
 from lcplug.attention.compress import find_entries
 from lcplug.attention.compressed import compressed_layers
 from lcplug.kv import KVCacheError, TieredCache
-from lcplug.testing import padded_batch, tiny_model
+from lcplug.testing import padded_batch, perturb_added, tiny_model
 
 ATTENTION = {
     "ksa": "ksa:chunk=4,window=3,block_size=8",
@@ -43,12 +43,7 @@ def prompt():
 def _model(variant: str, family: str = "llama", kv: str | None = None):
     model = tiny_model(family, max_position_embeddings=1024)
     lcplug.patch(model, attention=ATTENTION[variant], layers=COMPRESSED, kv=kv)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lcplug_attention." in name and "indexer" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
+    return perturb_added(model, 0.5)
 
 
 def _greedy(model, prompt, **kwargs):

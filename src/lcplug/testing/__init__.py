@@ -23,7 +23,16 @@ from .conformance import (
     dense_reference_logits,
     sample_batch,
 )
-from .models import FAMILIES, decode_prefill_gap, descend, logits, padded_batch, tiny_config, tiny_model
+from .models import (
+    FAMILIES,
+    decode_prefill_gap,
+    descend,
+    logits,
+    padded_batch,
+    perturb_added,
+    tiny_config,
+    tiny_model,
+)
 
 __all__ = [
     "CHECKS",
@@ -44,6 +53,7 @@ __all__ = [
     "descend",
     "logits",
     "padded_batch",
+    "perturb_added",
     "sample_batch",
     "tiny_config",
     "tiny_model",

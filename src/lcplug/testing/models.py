@@ -139,3 +139,18 @@ def descend(
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def perturb_added(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Module:
+    """Add seeded noise of std `scale` to every parameter an attention plugin added (pooling, sinks, gates) but
+    the indexers, which keep their random init; returns the model.
+
+    Those parameters start neutral (patching alone changes nothing), so a parity or cache test on a freshly
+    patched model would not see them used; moved off zero, a wrong path shows up in the logits.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lcplug_attention." in name and "indexer" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
