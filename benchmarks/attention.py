@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py                       # 4K..64K, every pattern and executor
     python benchmarks/attention.py --lengths 4096 8192 --patterns sliding-window --no-backward
+    python benchmarks/attention.py --lengths 32768 --patterns sliding-window --rounds 3   # fastest of 3, interleaved
 
 Each measurement runs in a fresh subprocess (batch 1, 8 heads, head dim 64, fp32, 2 threads), so its
 peak RSS is its own. Columns: time of the attention call, speed-up over dense SDPA causal at the same
@@ -317,7 +318,7 @@ def _runs(n: int, mode: str, pattern: str, executor: str) -> bool:
     return pattern != "mla" or executor == "torch"  # mla: one row, the up-projection and SDPA only
 
 
-def _fastest_of_rounds(n: int, mode: str, group: list[tuple[str, str]], args) -> list[dict | None]:
+def _fastest_of_rounds(n: int, mode: str, group: list[tuple[str, str]], args: argparse.Namespace) -> list[dict]:
     """Each row of one length and mode measured `args.rounds` times, the rounds interleaved (dense, then every
     executor, then again), so that load which comes and goes on a shared machine hits numerator and
     denominator alike; each row keeps its fastest round."""
