@@ -165,8 +165,9 @@ def _worker(args: argparse.Namespace) -> dict:
         stub = torch.nn.Module()
         oracle, reader, hysparse = _hysparse_layers(args.executor)
         choice = oracle.choose(stub, q, k, v, mask, DIM**-0.5, {})
-    if layout is not None:
+    if layout is not None:  # what the executors derive from it once per forward pass
         layout.band()
+        layout.row_ranges()
     layout_seconds = time.perf_counter() - start
     kept = n * (n + 1) // 2 if layout is None else int(layout.mask.sum())
     if args.pattern in COMPRESSED:  # layouts are built inside the layer's call: included in its time

@@ -1,23 +1,26 @@
 """Block-sparse layouts and the torch executor against the dense masked reference.
 
 Cases: left padding, packed documents (position ids restart), decode and chunked prefill (query offsets),
-sinks, GQA, head-dependent patterns (S2), soft-capping (portable path) and the fused CPU path. fp32;
-outputs and gradients within 1e-5.
+sinks, GQA, head-dependent patterns (S2), soft-capping (portable path), the fused CPU path with and
+without the range kernel, and the range kernel itself. fp32; outputs and gradients within 1e-5.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function
 
-from lcplug.attention import block_fused_cpu
+from lcplug.attention import block_fused_cpu, range_kernel
 from lcplug.attention.block_torch import block_attention
 from lcplug.attention.blocks import static_layout
 from lcplug.attention.mask import LazyMask
 from lcplug.attention.pattern import SlidingWindowPattern
 from lcplug.attention.positions import pattern_positions
 from lcplug.attention.reference import reference_attention
+from lcplug.plugins.attention.loza import StreamingBlocksPattern
 from lcplug.plugins.attention.s2 import ShiftedGroupsPattern
 
 TOL = 1e-5
@@ -63,6 +66,7 @@ PATTERNS = {
     "window": lambda: SlidingWindowPattern(window=20, sinks=0, block_size=16),
     "banded": lambda: SlidingWindowPattern(window=40, sinks=2, block_size=8),  # wide enough for the fused band
     "s2": lambda: ShiftedGroupsPattern(group=12, block_size=8),
+    "streaming": lambda: StreamingBlocksPattern(sink_blocks=1, local_blocks=3, block=8),
 }
 
 
@@ -91,6 +95,13 @@ def test_layout_equals_dense_predicate(case, pattern_name):
     else:
         got = got.repeat_interleave(4 // layout.groups, dim=1)
     assert torch.equal(got, dense.expand_as(got))
+    # every row of a window keeps at most two key ranges, and they hold the same pairs (S2 depends on the head)
+    ranges = layout.row_ranges()
+    assert (ranges is None) == (pattern_name == "s2")
+    if ranges is not None:
+        from_ranges = ranges_to_dense(ranges, mask.kv_length)
+        assert not from_ranges[:, mask.q_length :].any()  # padding rows of the last query block read nothing
+        assert torch.equal(from_ranges[:, : mask.q_length], got[:, 0])
     # and it is sparse: fewer kept blocks than block-causal attention would touch
     if CASES[case]["lq"] == 70:
         nq = layout.num_q_blocks
@@ -99,8 +110,12 @@ def test_layout_equals_dense_predicate(case, pattern_name):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("pattern_name", list(PATTERNS))
-@pytest.mark.parametrize("variant", ["fused", "sinks", "softcap"])
-def test_executor_matches_reference(case, pattern_name, variant):
+@pytest.mark.parametrize("variant", ["fused", "sinks", "softcap", "torch-kernels"])
+def test_executor_matches_reference(monkeypatch, case, pattern_name, variant):
+    """`fused` and `sinks` run the forward on the range kernel where the layout has row ranges (here every
+    sliding window); `torch-kernels` turns it off, so torch's kernels run the band and gathered parts."""
+    if variant == "torch-kernels":
+        monkeypatch.setattr(range_kernel, "usable", lambda query: False)
     torch.manual_seed(0)
     pattern = PATTERNS[pattern_name]()
     mask, position_ids = case_inputs(case)
@@ -225,9 +240,102 @@ def test_fused_executor_on_merged_query_blocks(monkeypatch, heads, merge, sinks)
     inputs = [q, k, v] + ([sink] if sinks else [])
     layout = static_layout(pattern, mask, None, block_q=8, block_k=8)
     out = block_attention(q, k, v, layout, 0.3, sink_logit=sink)
-    assert [p.merge for p in plans] == [merge]
     ref, _ = reference_attention(q, k, v, reference_mask(mask, pattern, None, heads), 0.3, sink_logit=sink)
     assert (out - ref).abs().max() < TOL
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad((out * grad).sum(), inputs), torch.autograd.grad((ref * grad).sum(), inputs)):
         assert (a - b).abs().max() < TOL
+    # the forward ran on the range kernel (no plan) or torch's kernels; the backward on merged tiles
+    assert [p.merge for p in plans][-1] == merge
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler for the range kernel")
+
+
+@needs_compiler
+def test_range_kernel_builds_here():
+    """Where a compiler exists the kernel must build: otherwise the tests above never reach it."""
+    assert range_kernel.kernel() is not None
+
+
+def ranges_to_dense(ranges, kv_len):
+    a0, a1, b0, b1 = ranges[..., None].unbind(-2)
+    key = torch.arange(kv_len)
+    return ((key >= a0) & (key < a1)) | ((key >= b0) & (key < b1))
+
+
+def test_row_ranges_refuse_other_shapes():
+    mask = make_mask(2, 70, 70)
+    groups = static_layout(ShiftedGroupsPattern(group=12, block_size=8), mask, None, block_q=8, block_k=8)
+    assert groups.row_ranges() is None  # the rule depends on the head group
+    window = static_layout(SlidingWindowPattern(window=13, sinks=3, block_size=8), mask, None, block_q=8, block_k=8)
+    gapped = window.mask.clone()
+    gapped[0, 0, -1, -1, 5, 0] = False  # key 64 missing inside row 69's window: three runs
+    assert row_ranges_of(window.kv_blocks, gapped) is None
+    unsorted = window.kv_blocks.flip(-1)  # block lists must be ascending
+    assert row_ranges_of(unsorted, window.mask.flip(3)) is None
+
+
+@pytest.mark.parametrize("width", [8, 64, 128, 12])
+def test_row_ranges_count_bools_exactly(width):
+    from lcplug.attention.row_ranges import _count_true
+
+    x = torch.rand(3, 5, 7, width) > 0.5
+    x[0, 0, 0] = True  # a full block
+    for t in (x, x[:, ::2], x.transpose(0, 1)):
+        assert torch.equal(_count_true(t), t.sum(-1))
+
+
+def row_ranges_of(kv_blocks, mask):
+    from lcplug.attention.row_ranges import row_ranges
+
+    return row_ranges(kv_blocks, mask, 8)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("heads", "kv_heads", "lq", "lkv"), [(4, 2, 300, 300), (2, 2, 1, 700), (3, 1, 130, 260)])
+def test_range_kernel_equals_masked_softmax(monkeypatch, heads, kv_heads, lq, lkv):
+    """Random ranges per row and batch: first ranges apart from and touching the second, empty rows, rows
+    longer than a key chunk, and tiles cut short (a small tile and chunk force every edge)."""
+    monkeypatch.setattr(range_kernel, "TILE_ROWS", 64)
+    monkeypatch.setattr(range_kernel, "CHUNK_KEYS", 96)
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, lq, 32)
+    k, v = (torch.randn(2, kv_heads, lkv, 32).transpose(1, 2).contiguous().transpose(1, 2) for _ in range(2))
+    b0 = torch.randint(0, lkv, (2, lq))
+    b1 = (b0 + torch.randint(0, lkv, (2, lq))).clamp(max=lkv)
+    a1 = torch.minimum(torch.randint(0, 12, (2, lq)), b0)
+    a0 = (a1 - torch.randint(0, 5, (2, lq))).clamp(min=0)
+    b1[0, :3] = b0[0, :3]  # rows reading only their first range, or nothing
+    a1[0, :2] = a0[0, :2]
+    ranges = torch.stack([a0, a1, b0, b1], dim=-1)
+    out, lse = range_kernel.range_attention(q, k, v, ranges, 0.2)
+    allowed = ranges_to_dense(ranges, lkv)[:, None]
+    ref, _ = reference_attention(q, k, v, allowed, 0.2)
+    scores = q @ k.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2) * 0.2
+    ref_lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+    assert (out - ref.transpose(1, 2)).abs().max() < TOL
+    seen = allowed.any(-1).expand_as(lse)
+    assert (lse[seen] - ref_lse[seen]).abs().max() < TOL
+    assert torch.isneginf(lse[~seen]).all() and (out[~seen] == 0).all()
+
+
+def test_fused_executor_falls_back_without_the_kernel(monkeypatch):
+    """No compiler (or LCPLUG_CPU_KERNEL=0): `kernel()` is None and torch's kernels give the same answer."""
+    monkeypatch.setenv("LCPLUG_CPU_KERNEL", "0")
+    range_kernel.kernel.cache_clear()
+    try:
+        assert range_kernel.kernel() is None
+        calls = []
+        monkeypatch.setattr(range_kernel, "range_attention", lambda *a: calls.append(a))
+        torch.manual_seed(0)
+        pattern = SlidingWindowPattern(window=40, sinks=2, block_size=8)
+        mask = make_mask(2, 70, 70)
+        q, k, v = (torch.randn(2, 2, 70, 16) for _ in range(3))
+        layout = static_layout(pattern, mask, None, block_q=8, block_k=8)
+        out = block_attention(q, k, v, layout, 0.3)
+        ref, _ = reference_attention(q, k, v, reference_mask(mask, pattern, None, 2), 0.3)
+        assert not calls and (out - ref).abs().max() < TOL
+    finally:
+        monkeypatch.delenv("LCPLUG_CPU_KERNEL")
+        range_kernel.kernel.cache_clear()

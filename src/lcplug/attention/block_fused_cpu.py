@@ -8,7 +8,10 @@ and log-sum-exp. That is all a block-sparse executor needs:
 - every other kept block is gathered (whole-block row copies) and masked with an additive bias;
 - the parts of one query block are merged through their log-sum-exps, and sink logits enter the same way.
 The backward calls the fused backward per part with the *final* output and log-sum-exp, which gives
-exact gradients, and adds key/value gradients back into their blocks.
+exact gradients, and adds key/value gradients back into their blocks. Since it needs only those two, the
+forward of a layout whose rows each read at most two key ranges (`BlockLayout.row_ranges`: windows,
+sinks, streaming blocks) runs on lcplug's own `range_kernel` instead, which computes no masked pair
+outside its tile edges; where that kernel cannot be built, the parts above run the forward too.
 
 Speed comes from three choices. Banded layouts run on merged query blocks (`BlockLayout.merged`, about
 `TILE_ROWS` rows per tile), where the kernel's backward works on deeper products. Each kernel call sees
@@ -27,7 +30,9 @@ from typing import NamedTuple
 
 import torch
 
+from . import range_kernel
 from .blocks import Band, BlockLayout
+from .row_ranges import Ranges
 
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -194,8 +199,8 @@ def _attend(q2: torch.Tensor, part: _Part, scaling: float) -> tuple[torch.Tensor
 def block_attention(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int, sink=None):
     """q (B, U, P, NQ, BQ, D); k, v (B, U, NKB, BK, D); `per_unit` maps a layout tensor (B, G, ...) to its units
     (B, U, ...); sink None or (1, U, P, 1, 1). Returns (B, U, P, NQ, BQ, D)."""
-    q, k, v = _inputs(q, k, v)
-    return _Fused.apply(q, k, v, sink, _plan(q, layout, per_unit), scaling, step)
+    q, k, v = _autocast(q, k, v)
+    return _Fused.apply(q, k, v, sink, layout, per_unit, scaling, step)
 
 
 def partial_forward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int):
@@ -204,8 +209,7 @@ def partial_forward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step
     For callers that merge results over several key sets themselves (ring attention) and hand the merged
     output and log-sum-exp to `partial_backward`.
     """
-    q, k, v = _inputs(q, k, v)
-    return forward(q, k, v, _plan(q, layout, per_unit), scaling, step)
+    return _forward(*_autocast(q, k, v), layout, per_unit, scaling, step)
 
 
 def partial_backward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int, grad_out, out, total):
@@ -221,6 +225,16 @@ def _inputs(q, k, v):
     # the band's overlapping view assumes contiguous blocks (a model's V arrives transposed from its
     # projection: (B, L, H, D) memory seen as (B, H, L, D))
     return q, k.contiguous(), v.contiguous()
+
+
+def _forward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int):
+    """(out, lse): on `range_kernel` when the layout has row ranges (it reads K/V as they come), else through
+    torch's kernels on the layout's plan."""
+    ranges = layout.row_ranges() if range_kernel.usable(q) else None
+    if ranges is not None:
+        return _range_forward(q, k, v, ranges, scaling)
+    q, k, v = _inputs(q, k, v)
+    return forward(q, k, v, _plan(q, layout, per_unit), scaling, step)
 
 
 def _plan(q: torch.Tensor, layout: BlockLayout, per_unit) -> _Plan:
@@ -295,6 +309,17 @@ def forward(q, k, v, plan: _Plan, scaling: float, step: int):
     return _split_q(out, plan.merge), _split_q(lse, plan.merge)
 
 
+def _range_forward(q, k, v, ranges: Ranges, scaling: float):
+    """`forward` on `range_kernel`: the whole query at once, each row over its own key ranges. The output is a
+    view of token-major (B, L, H, D) memory, so the attention layer's final transpose copies nothing."""
+    b, u, p, nq, bq, d = q.shape
+    kv_shape = (b, u, -1, d)
+    out, lse = range_kernel.range_attention(
+        q.reshape(b, u * p, nq * bq, d), k.reshape(kv_shape), v.reshape(kv_shape), ranges, scaling
+    )
+    return out.unflatten(1, (u, p)).unflatten(3, (nq, bq)), lse.view(q.shape[:5])
+
+
 def backward(q, k, v, plan: _Plan, scaling: float, step: int, grad_out, out, total):
     """(dq, dk, dv) given the final output and log-sum-exp: the fused backward per part recomputes
     P = exp(S - total), so parts of one softmax computed apart get exact gradients.
@@ -340,27 +365,29 @@ def _unfold_kv(x: torch.Tensor, b: int, u: int) -> torch.Tensor:
 
 class _Fused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, plan, scaling: float, step: int):
-        out, lse = forward(q, k, v, plan, scaling, step)
+    def forward(ctx, q, k, v, sink, layout: BlockLayout, per_unit, scaling: float, step: int):
+        out, lse = _forward(q, k, v, layout, per_unit, scaling, step)
         if sink is not None:
             total = torch.logaddexp(lse, sink.float())
             out = out * _weight(lse, total).to(out.dtype)[..., None]
         else:
             total = lse
         ctx.save_for_backward(q, k, v, sink, out, total)
-        ctx.plan, ctx.scaling, ctx.step = plan, scaling, step
+        ctx.layout, ctx.per_unit, ctx.scaling, ctx.step = layout, per_unit, scaling, step
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, sink, out, total = ctx.saved_tensors
-        dq, dk, dv = backward(q, k, v, ctx.plan, ctx.scaling, ctx.step, grad_out, out, total)
+        q, k, v = _inputs(q, k, v)
+        plan = _plan(q, ctx.layout, ctx.per_unit)
+        dq, dk, dv = backward(q, k, v, plan, ctx.scaling, ctx.step, grad_out, out, total)
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
             delta = (grad_out.float() * out.float()).sum(-1)  # (B, U, P, NQ, BQ)
             finite = total.masked_fill(~torch.isfinite(total), float("inf"))
             dsink = -(delta * torch.exp(sink.float() - finite)).sum(dim=(0, 3, 4), keepdim=True).to(sink.dtype)
-        return dq, dk, dv, dsink, None, None, None
+        return dq, dk, dv, dsink, None, None, None, None
 
 
 def _weight(part_lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from .mask import LazyMask
 from .pattern import Pattern
 from .positions import pattern_positions
+from .row_ranges import Ranges, row_ranges
 
 
 @dataclass
@@ -47,6 +48,13 @@ class BlockLayout:
         if "empty" not in self._memo:
             self._memo["empty"] = _empty_rows(self.mask)
         return self._memo["empty"]
+
+    def row_ranges(self) -> Ranges | None:
+        """Per query row, a key prefix and a key range holding exactly its pairs, if every row's are (cached);
+        see `row_ranges`."""
+        if "ranges" not in self._memo:
+            self._memo["ranges"] = row_ranges(self.kv_blocks, self.mask, self.block_k)
+        return self._memo["ranges"]
 
     def merged(self, factor: int) -> BlockLayout:
         """The same pairs with `factor` consecutive query blocks merged into one (cached).
