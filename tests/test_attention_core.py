@@ -112,8 +112,8 @@ def test_layout_equals_dense_predicate(case, pattern_name):
 @pytest.mark.parametrize("pattern_name", list(PATTERNS))
 @pytest.mark.parametrize("variant", ["fused", "sinks", "softcap", "torch-kernels"])
 def test_executor_matches_reference(monkeypatch, case, pattern_name, variant):
-    """`fused` and `sinks` run the forward on the range kernel where the layout has row ranges (here every
-    sliding window); `torch-kernels` turns it off, so torch's kernels run the band and gathered parts."""
+    """`fused` and `sinks` run on the range kernel where the layout has row ranges (every window here);
+    `torch-kernels` turns it off, so torch's kernels run the band and gathered parts, forward and backward."""
     if variant == "torch-kernels":
         monkeypatch.setattr(range_kernel, "usable", lambda query: False)
     torch.manual_seed(0)
@@ -228,6 +228,7 @@ def test_fused_executor_on_merged_query_blocks(monkeypatch, heads, merge, sinks)
     if not block_fused_cpu.available(torch.zeros(1), None):
         pytest.skip("this torch has no fused CPU flash kernels")
     monkeypatch.setattr(block_fused_cpu, "TILE_ROWS", 32)
+    monkeypatch.setattr(range_kernel, "usable", lambda query: False)  # a window would run on the range kernel
     plans = []
     plan = block_fused_cpu._plan
     monkeypatch.setattr(block_fused_cpu, "_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
@@ -240,13 +241,12 @@ def test_fused_executor_on_merged_query_blocks(monkeypatch, heads, merge, sinks)
     inputs = [q, k, v] + ([sink] if sinks else [])
     layout = static_layout(pattern, mask, None, block_q=8, block_k=8)
     out = block_attention(q, k, v, layout, 0.3, sink_logit=sink)
+    assert [p.merge for p in plans] == [merge]
     ref, _ = reference_attention(q, k, v, reference_mask(mask, pattern, None, heads), 0.3, sink_logit=sink)
     assert (out - ref).abs().max() < TOL
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad((out * grad).sum(), inputs), torch.autograd.grad((ref * grad).sum(), inputs)):
         assert (a - b).abs().max() < TOL
-    # the forward ran on the range kernel (no plan) or torch's kernels; the backward on merged tiles
-    assert [p.merge for p in plans][-1] == merge
 
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler for the range kernel")
@@ -294,9 +294,10 @@ def row_ranges_of(kv_blocks, mask):
 
 @needs_compiler
 @pytest.mark.parametrize(("heads", "kv_heads", "lq", "lkv"), [(4, 2, 300, 300), (2, 2, 1, 700), (3, 1, 130, 260)])
-def test_range_kernel_equals_masked_softmax(monkeypatch, heads, kv_heads, lq, lkv):
-    """Random ranges per row and batch: first ranges apart from and touching the second, empty rows, rows
-    longer than a key chunk, and tiles cut short (a small tile and chunk force every edge)."""
+def test_range_kernel_equals_masked_softmax_and_its_gradients(monkeypatch, heads, kv_heads, lq, lkv):
+    """Forward and backward on random ranges per row and batch: first ranges apart from and touching the
+    second, empty rows, rows longer than a key chunk, and tiles cut short (a small tile and chunk force
+    every edge). K/V arrive token-major, as a model's projections hand them over."""
     monkeypatch.setattr(range_kernel, "TILE_ROWS", 64)
     monkeypatch.setattr(range_kernel, "CHUNK_KEYS", 96)
     torch.manual_seed(0)
@@ -318,6 +319,15 @@ def test_range_kernel_equals_masked_softmax(monkeypatch, heads, kv_heads, lq, lk
     seen = allowed.any(-1).expand_as(lse)
     assert (lse[seen] - ref_lse[seen]).abs().max() < TOL
     assert torch.isneginf(lse[~seen]).all() and (out[~seen] == 0).all()
+    # the backward, from the final output and log-sum-exp (+inf where a row reads nothing)
+    inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+    ref, _ = reference_attention(*inputs, allowed, 0.2)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad((ref.transpose(1, 2) * grad).sum(), inputs)
+    lse = lse.masked_fill(~seen, float("inf"))
+    got = range_kernel.range_attention_backward(q, k, v, grad, lse, (grad * out).sum(-1), ranges, 0.2)
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max() < TOL
 
 
 def test_fused_executor_falls_back_without_the_kernel(monkeypatch):

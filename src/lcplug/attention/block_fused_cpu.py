@@ -8,10 +8,10 @@ and log-sum-exp. That is all a block-sparse executor needs:
 - every other kept block is gathered (whole-block row copies) and masked with an additive bias;
 - the parts of one query block are merged through their log-sum-exps, and sink logits enter the same way.
 The backward calls the fused backward per part with the *final* output and log-sum-exp, which gives
-exact gradients, and adds key/value gradients back into their blocks. Since it needs only those two, the
-forward of a layout whose rows each read at most two key ranges (`BlockLayout.row_ranges`: windows,
-sinks, streaming blocks) runs on lcplug's own `range_kernel` instead, which computes no masked pair
-outside its tile edges; where that kernel cannot be built, the parts above run the forward too.
+exact gradients, and adds key/value gradients back into their blocks. A layout whose rows each read at
+most two key ranges (`BlockLayout.row_ranges`: windows, sinks, streaming blocks) runs forward and backward
+on lcplug's own `range_kernel` instead, which computes no masked pair outside its tile edges; where that
+kernel cannot be built, the parts above run.
 
 Speed comes from three choices. Banded layouts run on merged query blocks (`BlockLayout.merged`, about
 `TILE_ROWS` rows per tile), where the kernel's backward works on deeper products. Each kernel call sees
@@ -215,9 +215,7 @@ def partial_forward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step
 def partial_backward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int, grad_out, out, total):
     """Gradients (dq, dk, dv) of these keys' share of an attention whose *final* output is `out` and whose
     final log-sum-exp (over every key set, sinks included) is `total`: exact, as in one fused pass."""
-    q, k, v = _inputs(q, k, v)
-    dq, dk, dv = backward(q, k, v, _plan(q, layout, per_unit), scaling, step, grad_out, out.to(q.dtype), total)
-    return dq, dk, dv
+    return _backward(*_autocast(q, k, v), layout, per_unit, scaling, step, grad_out, out.to(q.dtype), total)
 
 
 def _inputs(q, k, v):
@@ -309,6 +307,35 @@ def forward(q, k, v, plan: _Plan, scaling: float, step: int):
     return _split_q(out, plan.merge), _split_q(lse, plan.merge)
 
 
+def _backward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int, grad_out, out, total):
+    """(dq, dk, dv): on `range_kernel` when the layout has row ranges, else through torch's kernels."""
+    ranges = layout.row_ranges() if range_kernel.usable(q) else None
+    if ranges is not None:
+        return _range_backward(q, k, v, ranges, scaling, grad_out, out, total)
+    q, k, v = _inputs(q, k, v)
+    return backward(q, k, v, _plan(q, layout, per_unit), scaling, step, grad_out, out, total)
+
+
+def _range_backward(q, k, v, ranges: Ranges, scaling: float, grad_out, out, total):
+    """`backward` on `range_kernel`, shapes as `backward` takes and returns them."""
+    b, u, p, nq, bq, d = q.shape
+    rows = (b, u * p, nq * bq)
+    total = total.masked_fill(~torch.isfinite(total), float("inf"))  # P = 0 for rows that see nothing
+    delta = (grad_out.float() * out.float()).sum(-1)
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()  # autograd may hand an expand
+    dq, dk, dv = range_kernel.range_attention_backward(
+        q.reshape(*rows, d),
+        k.reshape(b, u, -1, d),
+        v.reshape(b, u, -1, d),
+        grad_out.reshape(*rows, d),
+        total.reshape(rows),
+        delta.reshape(rows),
+        ranges,
+        scaling,
+    )
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
 def _range_forward(q, k, v, ranges: Ranges, scaling: float):
     """`forward` on `range_kernel`: the whole query at once, each row over its own key ranges. The output is a
     view of token-major (B, L, H, D) memory, so the attention layer's final transpose copies nothing."""
@@ -379,9 +406,7 @@ class _Fused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, sink, out, total = ctx.saved_tensors
-        q, k, v = _inputs(q, k, v)
-        plan = _plan(q, ctx.layout, ctx.per_unit)
-        dq, dk, dv = backward(q, k, v, plan, ctx.scaling, ctx.step, grad_out, out, total)
+        dq, dk, dv = _backward(q, k, v, ctx.layout, ctx.per_unit, ctx.scaling, ctx.step, grad_out, out, total)
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
             delta = (grad_out.float() * out.float()).sum(-1)  # (B, U, P, NQ, BQ)

@@ -73,5 +73,20 @@ def range_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Lq, D), k/v (B, Hk, Lk, D), ranges (B, Lq, 4) int64 (`row_ranges.Ranges`): (out (B, H, Lq, D),
-    lse (B, H, Lq), -inf where a row reads nothing). No autograd."""
+    lse (B, H, Lq), -inf where a row reads nothing). No autograd: `range_attention_backward` is its backward."""
     return tuple(kernel().forward(q, k, v, ranges, scale, TILE_ROWS, CHUNK_KEYS))
+
+
+def range_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    ranges: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `range_attention` given the *final* log-sum-exp `lse` (B, H, Lq) (+inf for rows that read
+    nothing) and delta = rowsum(grad_out * final out) (B, H, Lq): exact when other keys share the softmax."""
+    return tuple(kernel().backward(q, k, v, grad_out, lse, delta, ranges, scale, TILE_ROWS, CHUNK_KEYS))
