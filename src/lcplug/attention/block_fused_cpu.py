@@ -225,10 +225,15 @@ def _inputs(q, k, v):
     return q, k.contiguous(), v.contiguous()
 
 
+def _ranges(q: torch.Tensor, layout: BlockLayout) -> Ranges | None:
+    """The layout's row ranges when the range kernel can run on these inputs, else None."""
+    return layout.row_ranges() if range_kernel.usable(q) else None
+
+
 def _forward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int):
     """(out, lse): on `range_kernel` when the layout has row ranges (it reads K/V as they come), else through
     torch's kernels on the layout's plan."""
-    ranges = layout.row_ranges() if range_kernel.usable(q) else None
+    ranges = _ranges(q, layout)
     if ranges is not None:
         return _range_forward(q, k, v, ranges, scaling)
     q, k, v = _inputs(q, k, v)
@@ -309,7 +314,7 @@ def forward(q, k, v, plan: _Plan, scaling: float, step: int):
 
 def _backward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int, grad_out, out, total):
     """(dq, dk, dv): on `range_kernel` when the layout has row ranges, else through torch's kernels."""
-    ranges = layout.row_ranges() if range_kernel.usable(q) else None
+    ranges = _ranges(q, layout)
     if ranges is not None:
         return _range_backward(q, k, v, ranges, scaling, grad_out, out, total)
     q, k, v = _inputs(q, k, v)

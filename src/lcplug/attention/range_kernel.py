@@ -61,7 +61,7 @@ def _isa_flags() -> list[str]:
 
 
 def usable(query: torch.Tensor) -> bool:
-    """The kernel takes float32 CPU tensors (it is the forward only: backward runs on torch's kernels)."""
+    """The kernel takes float32 CPU tensors and has been built (or loaded) on this machine."""
     return query.device.type == "cpu" and query.dtype == torch.float32 and kernel() is not None
 
 

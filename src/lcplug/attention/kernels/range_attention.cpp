@@ -1,9 +1,9 @@
-// Flash-attention forward on the CPU where every query row reads its own key set: at most two key ranges.
-// Sliding windows with sink tokens, streaming (sink + local) blocks, causality, padding and packed-document
-// boundaries are all of that shape. torch's own CPU flash kernel only offers a top-left
-// causal mask or a dense additive bias, so a banded pattern there either computes masked pairs or reads
-// a bias per pair; here a tile of rows computes only the union of its rows' ranges, and masking is two
-// bounds per row.
+// Flash attention (forward and backward) on the CPU where every query row reads its own key set: at most
+// two key ranges. Sliding windows with sink tokens, streaming (sink + local) blocks, causality, padding
+// and packed-document boundaries are all of that shape. torch's own CPU flash kernel only offers a
+// top-left causal mask or a dense additive bias, so a banded pattern there either computes masked pairs
+// or reads a bias per pair; here a tile of rows computes only the union of its rows' ranges, and masking
+// is two bounds per row.
 //
 // Built on demand by lcplug/attention/range_kernel.py (torch.utils.cpp_extension). The products go to
 // the BLAS torch links (sgemm_), the softmax to ATen's vectorised exp, the tiles to ATen's thread pool.
