@@ -20,6 +20,7 @@ from lcplug.attention.mask import LazyMask
 from lcplug.attention.pattern import SlidingWindowPattern
 from lcplug.attention.positions import pattern_positions
 from lcplug.attention.reference import reference_attention
+from lcplug.attention.row_ranges import _count_true, row_ranges
 from lcplug.plugins.attention.loza import StreamingBlocksPattern
 from lcplug.plugins.attention.s2 import ShiftedGroupsPattern
 
@@ -271,25 +272,17 @@ def test_row_ranges_refuse_other_shapes():
     window = static_layout(SlidingWindowPattern(window=13, sinks=3, block_size=8), mask, None, block_q=8, block_k=8)
     gapped = window.mask.clone()
     gapped[0, 0, -1, -1, 5, 0] = False  # key 64 missing inside row 69's window: three runs
-    assert row_ranges_of(window.kv_blocks, gapped) is None
+    assert row_ranges(window.kv_blocks, gapped, 8) is None
     unsorted = window.kv_blocks.flip(-1)  # block lists must be ascending
-    assert row_ranges_of(unsorted, window.mask.flip(3)) is None
+    assert row_ranges(unsorted, window.mask.flip(3), 8) is None
 
 
 @pytest.mark.parametrize("width", [8, 64, 128, 12])
 def test_row_ranges_count_bools_exactly(width):
-    from lcplug.attention.row_ranges import _count_true
-
     x = torch.rand(3, 5, 7, width) > 0.5
     x[0, 0, 0] = True  # a full block
     for t in (x, x[:, ::2], x.transpose(0, 1)):
         assert torch.equal(_count_true(t), t.sum(-1))
-
-
-def row_ranges_of(kv_blocks, mask):
-    from lcplug.attention.row_ranges import row_ranges
-
-    return row_ranges(kv_blocks, mask, 8)
 
 
 @needs_compiler

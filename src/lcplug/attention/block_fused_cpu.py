@@ -313,7 +313,9 @@ def forward(q, k, v, plan: _Plan, scaling: float, step: int):
 
 
 def _backward(q, k, v, layout: BlockLayout, per_unit, scaling: float, step: int, grad_out, out, total):
-    """(dq, dk, dv): on `range_kernel` when the layout has row ranges, else through torch's kernels."""
+    """(dq, dk, dv): on `range_kernel` when the layout has row ranges, else through torch's kernels. Both
+    recompute P = exp(S - total), so rows that see nothing get total +inf here: their P is 0."""
+    total = total.masked_fill(~torch.isfinite(total), float("inf"))
     ranges = _ranges(q, layout)
     if ranges is not None:
         return _range_backward(q, k, v, ranges, scaling, grad_out, out, total)
@@ -325,7 +327,6 @@ def _range_backward(q, k, v, ranges: Ranges, scaling: float, grad_out, out, tota
     """`backward` on `range_kernel`, shapes as `backward` takes and returns them."""
     b, u, p, nq, bq, d = q.shape
     rows = (b, u * p, nq * bq)
-    total = total.masked_fill(~torch.isfinite(total), float("inf"))  # P = 0 for rows that see nothing
     delta = (grad_out.float() * out.float()).sum(-1)
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()  # autograd may hand an expand
     dq, dk, dv = range_kernel.range_attention_backward(
@@ -353,14 +354,12 @@ def _range_forward(q, k, v, ranges: Ranges, scaling: float):
 
 
 def backward(q, k, v, plan: _Plan, scaling: float, step: int, grad_out, out, total):
-    """(dq, dk, dv) given the final output and log-sum-exp: the fused backward per part recomputes
-    P = exp(S - total), so parts of one softmax computed apart get exact gradients.
+    """(dq, dk, dv) given the final output and log-sum-exp (+inf where a row sees nothing): the fused backward
+    per part recomputes P = exp(S - total), so parts of one softmax computed apart get exact gradients.
 
     Gradients accumulate token-major ((NQ, P, BQ, B*U, D) and (NKB, BK, B*U, D)), the layout the kernel
     writes them in, and are returned as (B, U, ...) views of it.
     """
-    # +inf for rows that see nothing makes their P 0
-    total = total.masked_fill(~torch.isfinite(total), float("inf"))
     q, grad_out, out, total = (_merge_q(x, plan.merge) for x in (q, grad_out, out, total))
     b, u, p, nq, bq, d = q.shape
     nkb, bk = k.shape[2:4]
