@@ -78,9 +78,10 @@ BYTES = 0x0101010101010101
 
 
 def _count_true(x: torch.Tensor) -> torch.Tensor:
-    """`x.sum(-1)` of a boolean x whose last dim is 8..64 (a key block), about 20x faster: bools are bytes,
-    so summing x's int64 words adds 8 columns at once byte-wise, and multiplying by 0x0101.. sums a word's
-    bytes into its top byte. No byte carries and the top byte stays below 128: each sum is at most 64."""
+    """`x.sum(-1)` of a boolean x whose last dim is 8..64 (a key block), on int64 words (a bool sum widens
+    every element first): bools are bytes, so summing x's words adds 8 columns at once byte-wise, and
+    multiplying by 0x0101.. sums a word's bytes into its top byte. No byte carries and the top byte stays
+    below 128: each sum is at most 64."""
     n = x.shape[-1]
     if n % 8 or n > 64 or x.stride(-1) != 1:
         return x.sum(-1)
